@@ -1,0 +1,26 @@
+"""papo-kernels: fused Triton kernels for group-relative RL (PAPO, GDPO, DAPO, DARO).
+
+Torch and Triton only; the TRL integration lives in ``papo_trl``.
+"""
+
+from .advantages import (
+    GroupAdvantages,
+    PAPOAdvantages,
+    dynamic_sampling_mask,
+    gdpo_advantages,
+    grpo_advantages,
+    papo_advantages,
+    pass_rate_buckets,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupAdvantages",
+    "PAPOAdvantages",
+    "dynamic_sampling_mask",
+    "gdpo_advantages",
+    "grpo_advantages",
+    "papo_advantages",
+    "pass_rate_buckets",
+]

@@ -1,0 +1,142 @@
+"""Readable torch reference for the group advantages: this file is the specification.
+
+Rewards are laid out group-contiguously: rows ``g*G .. g*G+G-1`` are the ``G`` responses to prompt ``g``.
+Every std is the unbiased (Bessel, n-1) estimate over the non-NaN entries, NaN when fewer than two exist,
+exactly as TRL's ``nanstd``. NaN marks an unscorable reward (a reward function returned ``None``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .types import GroupAdvantages, PAPOAdvantages
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Bessel-corrected std ignoring NaNs; NaN where fewer than two values are present (TRL's ``nanstd``)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    var = torch.where(count > 1, var * count / (count - 1).clamp(min=1), torch.full_like(var, float("nan")))
+    std = var.sqrt()
+    return std if keepdim else (std.squeeze(dim) if dim is not None else std.reshape(()))
+
+
+def _combine(rewards: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Weighted nansum over reward columns; a row with every column NaN is NaN (unscorable)."""
+    if rewards.dim() == 1:
+        rewards = rewards[:, None]
+    w = torch.ones(rewards.shape[1], dtype=rewards.dtype, device=rewards.device) if weights is None else weights
+    total = (rewards * w.to(rewards.dtype)).nansum(dim=1)
+    return total.masked_fill(torch.isnan(rewards).all(dim=1), float("nan"))
+
+
+def grpo_advantages(
+    rewards: torch.Tensor, G: int, *, weights: torch.Tensor | None = None, scale: str = "group", eps: float = 1e-4
+) -> GroupAdvantages:
+    """TRL ``sum_then_normalize``: ``r = nansum_k w_k r_k``, ``A = (r - mean_g(r)) / (std(r) + eps)``.
+
+    ``std`` is the group std (``scale="group"``), the batch std (``"batch"``) or unused (``"none"``: centering
+    only). NaN rewards are left out of mean and std and get ``A = 0``; so does a group with one scorable response.
+    """
+    x = _combine(rewards, weights).double()
+    grouped = x.view(-1, G)
+    mean = torch.nanmean(grouped, dim=1)
+    if scale == "batch":
+        std = (nanstd(x) if x.numel() > 1 else x.new_zeros(())).expand(grouped.shape[0])
+    else:
+        std = nanstd(grouped, dim=1) if G > 1 else torch.zeros_like(mean)
+    adv = grouped - mean[:, None]
+    if scale != "none":
+        adv = adv / (std[:, None] + eps)
+    out = rewards.dtype if rewards.dtype == torch.float64 else torch.float32
+    return GroupAdvantages(torch.nan_to_num(adv.reshape(-1), nan=0.0).to(out), mean.to(out), std.to(out))
+
+
+def gdpo_advantages(
+    rewards: torch.Tensor, G: int, *, weights: torch.Tensor | None = None, eps: float = 1e-4
+) -> GroupAdvantages:
+    """TRL ``normalize_then_sum`` (GDPO): per column ``a_k = (r_k - mean_gk) / (std_gk + eps)``,
+    ``a = nansum_k w_k a_k``, then over the batch ``A = (a - mean(a)) / (std(a) + eps)``.
+
+    Unscorable rows (every column NaN) are left out of the batch statistics and get ``A = 0``.
+    """
+    r = (rewards if rewards.dim() == 2 else rewards[:, None]).double()
+    K = r.shape[1]
+    grouped = r.view(-1, G, K)
+    mean = torch.nanmean(grouped, dim=1)
+    std = nanstd(grouped, dim=1) if G > 1 else torch.zeros_like(mean)
+    a = ((grouped - mean[:, None]) / (std[:, None] + eps)).reshape(-1, K)
+    w = torch.ones(K, dtype=r.dtype) if weights is None else weights.double().cpu()
+    a = (a * w.to(a.device)).nansum(dim=1).masked_fill(torch.isnan(r).all(dim=1), float("nan"))
+    batch_std = nanstd(a) if a.numel() > 1 else a.new_zeros(())
+    adv = torch.nan_to_num((a - torch.nanmean(a)) / (batch_std + eps), nan=0.0)
+    out = rewards.dtype if rewards.dtype == torch.float64 else torch.float32
+    return GroupAdvantages(adv.to(out), mean.to(out), std.to(out))
+
+
+def _gated_normalize(x: torch.Tensor, valid: torch.Tensor, eps: float, scale_by_std: bool):
+    """Per row of ``x[num_groups, G]``: ``(x - mean) / (std + eps)`` over ``valid`` entries if at least two are
+    valid and ``std > eps``, else 0. Invalid entries get 0. Returns (values, mean, std, active)."""
+    xv = torch.where(valid, x, torch.full_like(x, float("nan")))
+    mean = torch.nanmean(xv, dim=1)
+    std = nanstd(xv, dim=1)
+    active = (valid.sum(dim=1) >= 2) & (std > eps)
+    centered = x - mean[:, None]
+    values = centered / (std[:, None] + eps) if scale_by_std else centered
+    values = torch.where(active[:, None] & valid, values, torch.zeros_like(values))
+    return values, mean, std, active
+
+
+def papo_advantages(
+    outcome: torch.Tensor,
+    process: torch.Tensor,
+    correct: torch.Tensor,
+    G: int,
+    *,
+    lambda_process: float = 1.0,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+    process_norm: str = "correct",
+) -> PAPOAdvantages:
+    """PAPO's decoupled advantages, ``A_total = A_out + lambda_process * A_proc``.
+
+    ``A_out = (o - mean_g o) / (std_g o + eps)`` over all G responses if ``G > 1`` and ``std > eps``, else 0.
+    ``A_proc = (p - mean_c p) / (std_c p + eps)`` over the *correct* responses with a process score (NaN = no
+    score) if at least two exist and ``std_c > eps``, else 0; incorrect responses get ``A_proc = 0``.
+    ``scale_by_std=False`` centres only (Dr.GRPO). ``process_norm="all"`` normalises ``p`` over all G (ablation).
+    """
+    o = outcome.double().view(-1, G)
+    p = process.double().view(-1, G)
+    c = correct.view(-1, G) != 0
+    a_out, o_mean, o_std, _ = _gated_normalize(o, torch.ones_like(c), eps, scale_by_std)
+    scored = ~torch.isnan(p)
+    pool = scored & c if process_norm == "correct" else scored
+    a_proc, p_mean, p_std, active = _gated_normalize(torch.nan_to_num(p), pool, eps, scale_by_std)
+    # nanmean over an empty pool is NaN; keep the stats of the scored pool only
+    p_mean = torch.where(pool.any(dim=1), p_mean, torch.full_like(p_mean, float("nan")))
+    out = torch.float64 if outcome.dtype == torch.float64 else torch.float32
+    total = a_out + lambda_process * a_proc
+    f = lambda t: t.reshape(-1).to(out)  # noqa: E731
+    return PAPOAdvantages(
+        total=f(total),
+        outcome=f(a_out),
+        process=f(a_proc),
+        outcome_mean=o_mean.to(out),
+        outcome_std=o_std.to(out),
+        process_mean=p_mean.to(out),
+        process_std=p_std.to(out),
+        num_correct=c.sum(dim=1).to(torch.int32),
+        process_active=active,
+    )
+
+
+def dynamic_sampling_mask(outcome: torch.Tensor, G: int) -> torch.Tensor:
+    """DAPO dynamic sampling: per group, True iff its outcome rewards are not all equal."""
+    o = outcome.view(-1, G)
+    return (o != o[:, :1]).any(dim=1)
+
+
+def pass_rate_buckets(correct: torch.Tensor, G: int) -> torch.Tensor:
+    """DARO pass-rate bucket per group: the number of correct responses, in ``0..G`` (pass rate ``k/G``)."""
+    return (correct.view(-1, G) != 0).sum(dim=1).to(torch.int64)
