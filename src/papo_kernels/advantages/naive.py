@@ -39,7 +39,7 @@ def grpo_advantages(
     ``std`` is the group std (``scale="group"``), the batch std (``"batch"``) or unused (``"none"``: centering
     only). NaN rewards are left out of mean and std and get ``A = 0``; so does a group with one scorable response.
     """
-    x = _combine(rewards, weights).double()
+    x = _combine(rewards.double(), weights)
     grouped = x.view(-1, G)
     mean = torch.nanmean(grouped, dim=1)
     if scale == "batch":

@@ -267,9 +267,10 @@ def papo_advantages(outcome, process, correct, G, lambda_process, eps, scale_by_
     stats = [torch.empty(num_groups, dtype=acc, device=dev) for _ in range(4)]
     n_correct = torch.empty(num_groups, dtype=torch.int32, device=dev)
     active = torch.empty(num_groups, dtype=torch.int8, device=dev)
-    c = correct.view(torch.uint8) if correct.dtype == torch.bool else correct
+    c = (correct.view(torch.uint8) if correct.dtype == torch.bool else correct).contiguous()
     _papo_kernel[grid](
-        outcome, process, c, *vec, *stats, n_correct, active, num_groups, G, eps, lambda_process,
+        outcome.contiguous(), process.contiguous(), c, *vec, *stats, n_correct, active,
+        num_groups, G, eps, lambda_process,
         SCALE_BY_STD=scale_by_std, PROCESS_ALL=process_norm == "all", GPP=gpp, BLOCK_G=block_g,
     )
     return PAPOAdvantages(*vec, *stats, n_correct, active.view(torch.bool))
@@ -281,6 +282,6 @@ def group_counts(x: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
     gpp, block_g, grid = _launch_shape(num_groups, G)
     varies = torch.empty(num_groups, dtype=torch.int8, device=x.device)
     count = torch.empty(num_groups, dtype=torch.int64, device=x.device)
-    xx = x.view(torch.uint8) if x.dtype == torch.bool else x
+    xx = (x.view(torch.uint8) if x.dtype == torch.bool else x).contiguous()
     _group_count_kernel[grid](xx, varies, count, num_groups, G, GPP=gpp, BLOCK_G=block_g)
     return varies.view(torch.bool), count
