@@ -12,12 +12,17 @@ from .advantages import (
     papo_advantages,
     pass_rate_buckets,
 )
+from .daro import DAROWeights
+from .loss import PolicyLossConfig, PolicyLossOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DAROWeights",
     "GroupAdvantages",
     "PAPOAdvantages",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
     "dynamic_sampling_mask",
     "gdpo_advantages",
     "grpo_advantages",

@@ -1,0 +1,166 @@
+"""Torch reference of the policy loss: the spec the kernels are tested against.
+
+Transcribes TRL 1.16 ``GRPOTrainer._compute_loss`` for one micro-batch, before gradient-accumulation scaling.
+With ``r = exp(log_ratio)`` (per token, or per sequence as ``exp(masked mean log_ratio)`` for GSPO) and advantage
+``A``, the per-token loss is
+
+* ``grpo``/``bnpo``/``dr_grpo``/``dapo``/``luspo``: ``-min(min(r, delta) * A, clip(r, 1 - eps_low, 1 + eps_high) * A)``
+* ``cispo``: ``-sg(min(r, eps_high)) * A * logp``
+* ``sapo``: ``-4 sigmoid(tau (r - 1)) / tau * A``, ``tau = tau_pos if A > 0 else tau_neg``
+
+then times the vLLM importance-sampling weight, plus ``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1``
+(times ``r`` with ``use_bias_correction_kl``). The per-sequence masked sums are aggregated per ``loss_type`` (or
+weighted by ``sequence_scale``), and the entropy bonus ``entropy_coef * masked mean entropy`` is subtracted.
+Arithmetic runs in fp32, or fp64 for fp64 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._runtime import check_tensor, compute_dtype, require
+from .config import PolicyLossConfig, PolicyLossOutput
+from .inputs import check_logits_inputs, check_loss_inputs
+
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def token_logps_and_entropy(
+    logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log softmax(z / T)[id]`` and the entropy ``-sum p log p`` per token, fp32 (fp64 for fp64 logits)."""
+    z = logits.to(compute_dtype(logits)) / temperature
+    logp_all = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    logps = logp_all.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
+    p = logp_all.exp()
+    # -inf logits have p = 0 and contribute nothing; keep their 0 * -inf (and its gradient) out of the sum
+    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+    return logps, entropy
+
+
+def loss_from_logps(
+    per_token_logps: torch.Tensor,
+    entropy: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    sequence_scale: torch.Tensor | None = None,
+    config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
+) -> PolicyLossOutput:
+    """The policy loss from per-token log-probs ``[B, T]`` and entropies ``[B, T]`` (both differentiable)."""
+    check_tensor("per_token_logps", per_token_logps, ndim=2, floating=True)
+    check_tensor("entropy", entropy, ndim=2, floating=True)
+    require(
+        entropy.shape == per_token_logps.shape,
+        f"`entropy` must have shape {tuple(per_token_logps.shape)}, got {tuple(entropy.shape)}",
+    )
+    check_loss_inputs(
+        per_token_logps.shape, completion_mask, advantages, old_logps, ref_logps,
+        importance_sampling_ratio, sequence_scale, config.beta,
+    )  # fmt: skip
+    dtype = compute_dtype(per_token_logps)
+    logps = per_token_logps.to(dtype)
+    mask = completion_mask.to(dtype)
+    adv = advantages.to(dtype)
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    B = logps.shape[0]
+
+    old = logps.detach() if old_logps is None else old_logps.to(dtype)
+    log_ratio = logps - old
+    tokens = mask.sum(-1)
+    if config.importance_sampling_level == "token":
+        log_weights = log_ratio
+    else:
+        log_weights = ((log_ratio * mask).sum(-1) / tokens.clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_weights)
+
+    kl = None
+    if config.beta != 0.0:
+        d = ref_logps.to(dtype) - logps
+        kl = torch.exp(d) - d - 1
+        if config.use_bias_correction_kl:
+            kl = kl * coef_1
+
+    eps_low, eps_high = config.epsilon_low, config.eps_high
+    if config.loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * adv * logps
+    elif config.loss_type == "sapo":
+        tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
+        per_token_loss = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * adv
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        if config.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=config.delta)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if importance_sampling_ratio is not None:
+        per_token_loss = per_token_loss * importance_sampling_ratio.to(dtype)
+    if kl is not None:
+        per_token_loss = per_token_loss + config.beta * kl
+
+    sequence_loss = (per_token_loss * mask).sum(-1)
+    count = mask.sum()
+    if sequence_scale is not None:
+        loss = (sequence_scale.to(dtype).detach() * sequence_loss).sum()
+    elif config.loss_type in ("grpo", "sapo"):
+        loss = (sequence_loss / tokens.clamp(min=1.0)).mean()
+    elif config.loss_type == "bnpo":
+        loss = sequence_loss.sum() / count.clamp(min=1.0)
+    elif config.loss_type == "dr_grpo":
+        loss = sequence_loss.sum() / (B * config.max_completion_length)
+    elif config.loss_type in ("dapo", "cispo"):
+        normalizer = count.clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
+        loss = sequence_loss.sum() / torch.as_tensor(normalizer, dtype=dtype, device=sequence_loss.device)
+    else:  # luspo
+        loss = sequence_loss.mean()
+    policy = loss.detach()
+
+    entropy = entropy.to(dtype)
+    entropy_mean = (entropy * mask).sum() / count.clamp(min=1.0)
+    if config.entropy_coef != 0.0:
+        loss = loss - config.entropy_coef * entropy_mean
+
+    def masked_mean(x: torch.Tensor) -> torch.Tensor:  # TRL's global_masked_mean of a clip flag, on this process
+        if x.shape[1] == 1:  # one value per sequence (sequence-level ratio and [B] advantages): mean over B
+            return (x * mask if mask.shape[1] == 1 else x).sum() / max(B, 1)
+        return (x * mask).sum() / count.clamp(min=1.0)
+
+    metrics = {"entropy": entropy_mean.detach()}
+    if kl is not None:
+        metrics["kl"] = (kl.detach() * mask).sum() / count.clamp(min=1.0)
+    if config.loss_type in CLIPPED:
+        low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype)
+        high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(dtype)
+        metrics["clip_ratio/low_mean"] = masked_mean(low)
+        metrics["clip_ratio/high_mean"] = masked_mean(high)
+        metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(low, high))
+    elif config.loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > eps_high) & (adv > 0)).to(dtype).detach())
+    metrics["policy_loss"] = policy
+
+    keep = mask > 0
+    return PolicyLossOutput(
+        loss=loss,
+        per_token_logps=torch.where(keep, logps.detach(), 0.0),
+        entropy=torch.where(keep, entropy.detach(), 0.0),
+        metrics=metrics,
+        sequence_loss=sequence_loss.detach(),
+    )
+
+
+def policy_loss_reference(
+    logits: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008
+    **kwargs,
+) -> PolicyLossOutput:
+    """``loss_from_logps`` on the log-probs and entropies of ``logits[B, T, V]`` (differentiable w.r.t. logits)."""
+    check_logits_inputs(logits, completion_ids)
+    logps, entropy = token_logps_and_entropy(logits, completion_ids, config.temperature)
+    return loss_from_logps(logps, entropy, completion_mask, advantages, config=config, **kwargs)
