@@ -5,7 +5,8 @@ reads every reward column once and writes the advantages and the per-group stati
 normalisation (GRPO ``scale="batch"``, GDPO) needs statistics over all groups: every program publishes its
 partial (count, mean, M2) and takes a ticket from an atomic counter; the program holding the last ticket
 merges the partials (Chan's parallel variance) and rescales the whole batch, then resets the counter.
-Arithmetic is fp32 (fp64 for fp64 inputs). ``N``, ``G``, ``K`` and the group count are runtime arguments.
+Arithmetic is fp32 (fp64 for fp64 inputs). ``N``, ``G``, ``K`` and the group count are runtime arguments, and
+the batch-dependent ones are not specialised on, so a new batch size never recompiles.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def _batch_normalize(
         tl.atomic_xchg(COUNTER, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_groups", "N"])
 def _grpo_kernel(
     R, stride_n, stride_k, W, ADV, MEAN, STD, PART, COUNTER,
     num_groups, N, G, K, eps,
@@ -130,7 +131,7 @@ def _grpo_kernel(
         tl.store(ADV + idx, tl.where(adv == adv, adv, 0.0), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_groups", "N"])
 def _gdpo_kernel(
     R, stride_n, stride_k, W, ADV, MEAN, STD, PART, COUNTER,
     num_groups, N, G, K, eps,
@@ -169,7 +170,7 @@ def _gated(x, valid, eps, SCALE_BY_STD: tl.constexpr):
     return tl.where(active[:, None] & valid, a, 0.0), mean, std, active
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_groups"])
 def _papo_kernel(
     O, P, C, A_TOT, A_OUT, A_PROC, O_MEAN, O_STD, P_MEAN, P_STD, N_CORRECT, ACTIVE,
     num_groups, G, eps, lambda_process,
@@ -198,7 +199,7 @@ def _papo_kernel(
     tl.store(ACTIVE + groups, active.to(tl.int8), mask=gm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_groups"])
 def _group_count_kernel(
     X, VARIES, COUNT, num_groups, G, GPP: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
