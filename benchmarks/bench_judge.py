@@ -54,7 +54,7 @@ def measure(base_url: str, concurrency: int, n: int) -> dict:
     if scores.count(1.0) != n or stats["judge/requests"] != n:
         raise RuntimeError(f"concurrency {concurrency}: expected {n} scored requests, got {stats}")
     return {
-        "concurrency": concurrency, "requests": n, "seconds": wall, "requests_per_s": n / wall,
+        "method": "RubricJudge", "concurrency": concurrency, "requests": n, "seconds": wall, "requests_per_s": n / wall,
         "ideal_requests_per_s": concurrency / LATENCY_S, "efficiency": n / wall / (concurrency / LATENCY_S),
         "client_cpu_ms": 1e3 * cpu / n, "latency_p50_ms": 1e3 * stats["judge/latency_p50"],
         "latency_p99_ms": 1e3 * stats["judge/latency_p99"],
