@@ -1,0 +1,200 @@
+"""``PAPOConfig``: TRL's ``GRPOConfig`` plus the advantage estimator, PAPO, DAPO dynamic sampling and DARO options."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+ADVANTAGE_ESTIMATORS = ("papo", "papo_fullnorm", "grpo", "dr_grpo", "gdpo", "daro")
+PROCESS_ESTIMATORS = ("papo", "papo_fullnorm")
+DARO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class PAPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`PAPOTrainer`]: every [`~trl.GRPOConfig`] parameter keeps its meaning and default,
+    and the parameters below are added.
+
+    Parameters:
+        > Parameters that control the advantages
+
+        advantage_estimator (`str`, *optional*, defaults to `"papo"`):
+            How advantages are computed from the rewards gathered across all processes:
+
+            - `"papo"`: PAPO's decoupled advantages `A = A_out + lambda_process * A_proc`. `A_out` normalises the
+              outcome reward over the group; `A_proc` normalises the process reward over the group's *correct*
+              responses only (zero for incorrect ones). Needs `process_reward_funcs`.
+            - `"papo_fullnorm"`: as `"papo"`, but `A_proc` is normalised over all responses of the group (ablation);
+              every response is scored by the process reward functions.
+            - `"grpo"`: TRL's GRPO advantages over the outcome rewards (`scale_rewards`,
+              `multi_objective_aggregation` and `reward_weights` apply as in [`~trl.GRPOTrainer`]).
+            - `"dr_grpo"`: Dr. GRPO, group-centred rewards without std scaling (`scale_rewards` is set to `"none"`);
+              with process reward functions, PAPO's centring-only variant. Pair with `loss_type="dr_grpo"`.
+            - `"gdpo"`: GDPO, each outcome reward normalised within its group, weighted sum, batch-normalised
+              (`multi_objective_aggregation` is set to `"normalize_then_sum"`).
+            - `"daro"`: GRPO advantages and DARO's loss: one learnable positive weight per pass-rate bucket
+              `mu = k/G, 0 < k < G`, loss `sum_mu (w_mu * L_mu - ln w_mu)`; groups with `k = 0` or `k = G` are left
+              out of the loss.
+
+            Process reward functions enter the advantage under `"papo"`, `"papo_fullnorm"` and `"dr_grpo"`; under
+            the other estimators they are scored and logged only.
+        lambda_process (`float`, *optional*, defaults to `1.0`):
+            Weight of the process advantage `A_proc` in `A_out + lambda_process * A_proc`.
+        advantage_epsilon (`float`, *optional*):
+            `eps` in `(r - mean) / (std + eps)`. If `None`, the estimator's reference value: `1e-6` for PAPO (the
+            official code) and `1e-4` for the others (TRL).
+        correct_threshold (`float`, *optional*, defaults to `1.0`):
+            A response is correct iff its correctness reward is `>= correct_threshold`.
+        correctness_reward_index (`int` or `None`, *optional*, defaults to `0`):
+            Index in `reward_funcs` of the reward that decides correctness. If `None`, the weighted sum of all outcome
+            rewards is used. A response whose correctness reward is `None` counts as incorrect.
+        process_reward_on_correct_only (`bool`, *optional*, defaults to `True`):
+            Call the process reward functions only for correct responses (the official PAPO code does this; it saves
+            judge calls, and `A_proc` ignores incorrect responses anyway). Set `False` to score every response (always
+            the case under `"papo_fullnorm"`).
+        process_reward_weights (`list[float]`, *optional*):
+            Weights of the process reward functions, summed into one process score (NaN-aware: a response with no
+            process score is left out of the process statistics). If `None`, every weight is `1.0`.
+
+        > Parameters that control the loss
+
+        use_fused_loss (`bool`, *optional*, defaults to `True`):
+            Compute the policy loss with the fused linear-head kernel of `papo_kernels` (gradients computed in the
+            forward, no logits materialised) where it is available; otherwise, and when `False`, TRL's own loss.
+
+        > Parameters that control DAPO dynamic sampling
+
+        dynamic_sampling (`bool`, *optional*, defaults to `False`):
+            DAPO dynamic sampling: drop the groups whose outcome rewards are all equal and generate more prompts
+            until the generation batch is full of kept groups.
+        max_generation_batches (`int`, *optional*, defaults to `4`):
+            At most this many generation rounds per generation batch under `dynamic_sampling`. When the cap is hit,
+            the batch is trained on the groups kept so far (the rest of the batch is masked out of the loss) and a
+            warning is logged.
+
+        > Parameters that control DARO
+
+        daro_learning_rate (`float`, *optional*, defaults to `1e-2`):
+            Adam learning rate of DARO's log-weights `ln w_mu` (their own optimiser, stepped at every optimiser step
+            of the policy).
+        daro_init_weight (`float`, *optional*, defaults to `1.0`):
+            Initial value of every DARO weight `w_mu`.
+        daro_max_weight (`float`, *optional*, defaults to `100.0`):
+            DARO weights are kept in `[1 / daro_max_weight, daro_max_weight]`.
+    """
+
+    advantage_estimator: str = field(
+        default="papo",
+        metadata={
+            "help": "Advantage estimator: 'papo', 'papo_fullnorm', 'grpo', 'dr_grpo', 'gdpo' or 'daro'.",
+            "choices": list(ADVANTAGE_ESTIMATORS),
+        },
+    )
+    lambda_process: float = field(
+        default=1.0, metadata={"help": "Weight of the process advantage in A_out + lambda_process * A_proc."}
+    )
+    advantage_epsilon: float | None = field(
+        default=None,
+        metadata={"help": "eps in (r - mean) / (std + eps); None: 1e-6 for PAPO, 1e-4 for the others (TRL)."},
+    )
+    correct_threshold: float = field(
+        default=1.0, metadata={"help": "A response is correct iff its correctness reward is >= this value."}
+    )
+    correctness_reward_index: int | None = field(
+        default=0,
+        metadata={"help": "Index in reward_funcs of the correctness reward; None: the weighted outcome sum."},
+    )
+    process_reward_on_correct_only: bool = field(
+        default=True, metadata={"help": "Call the process reward functions only for correct responses."}
+    )
+    process_reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the process reward functions; None: all 1.0."}
+    )
+    use_fused_loss: bool = field(
+        default=True,
+        metadata={"help": "Use the fused linear-head policy loss of papo_kernels where available."},
+    )
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={"help": "DAPO dynamic sampling: drop groups with equal outcome rewards and generate more."},
+    )
+    max_generation_batches: int = field(
+        default=4, metadata={"help": "At most this many generation rounds per batch under dynamic sampling."}
+    )
+    daro_learning_rate: float = field(default=1e-2, metadata={"help": "Adam learning rate of DARO's log-weights."})
+    daro_init_weight: float = field(default=1.0, metadata={"help": "Initial value of every DARO weight."})
+    daro_max_weight: float = field(
+        default=100.0, metadata={"help": "DARO weights are kept in [1 / daro_max_weight, daro_max_weight]."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(
+                f"`advantage_estimator` must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; "
+                f"got {self.advantage_estimator!r}"
+            )
+        if not _finite(self.lambda_process):
+            raise ValueError(f"`lambda_process` must be a finite float, got {self.lambda_process!r}")
+        if self.advantage_epsilon is not None and not (_finite(self.advantage_epsilon) and self.advantage_epsilon >= 0):
+            raise ValueError(f"`advantage_epsilon` must be a finite float >= 0 or None, got {self.advantage_epsilon!r}")
+        if not _finite(self.correct_threshold):
+            raise ValueError(f"`correct_threshold` must be a finite float, got {self.correct_threshold!r}")
+        index = self.correctness_reward_index
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+            raise ValueError(f"`correctness_reward_index` must be an integer >= 0 or None, got {index!r}")
+        if self.process_reward_weights is not None and not (
+            isinstance(self.process_reward_weights, (list, tuple)) and all(map(_finite, self.process_reward_weights))
+        ):
+            raise ValueError(
+                f"`process_reward_weights` must be a list of finite floats or None, got {self.process_reward_weights!r}"
+            )
+        mgb = self.max_generation_batches
+        if not isinstance(mgb, int) or isinstance(mgb, bool) or mgb < 1:
+            raise ValueError(f"`max_generation_batches` must be an integer >= 1, got {mgb!r}")
+        for name in ("daro_learning_rate", "daro_init_weight"):
+            if not (_finite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"`{name}` must be a finite float > 0, got {getattr(self, name)!r}")
+        if not (_finite(self.daro_max_weight) and self.daro_max_weight >= 1):
+            raise ValueError(f"`daro_max_weight` must be a finite float >= 1, got {self.daro_max_weight!r}")
+        if not 1 / self.daro_max_weight <= self.daro_init_weight <= self.daro_max_weight:
+            raise ValueError(
+                f"`daro_init_weight` ({self.daro_init_weight}) must lie in [1 / daro_max_weight, daro_max_weight]"
+            )
+        self._check_estimator_options()
+
+    def _check_estimator_options(self) -> None:
+        estimator = self.advantage_estimator
+        if estimator in PROCESS_ESTIMATORS and self.scale_rewards != "group":
+            raise ValueError(
+                f"`advantage_estimator={estimator!r}` normalises per group and needs `scale_rewards='group'`, got "
+                f"{self.scale_rewards!r}; use `advantage_estimator='dr_grpo'` for centring without scaling"
+            )
+        if estimator == "papo_fullnorm" and self.process_reward_on_correct_only:
+            # full normalisation needs a process score for every response
+            self.process_reward_on_correct_only = False
+        if estimator == "dr_grpo":
+            self.scale_rewards = "none"
+        if estimator == "gdpo":
+            self.multi_objective_aggregation = "normalize_then_sum"
+        if estimator == "daro":
+            if self.loss_type not in DARO_LOSS_TYPES:
+                raise ValueError(
+                    f"`advantage_estimator='daro'` needs `loss_type` in {', '.join(DARO_LOSS_TYPES)}, "
+                    f"got {self.loss_type!r}"
+                )
+            unsupported = {
+                "top_entropy_quantile": self.top_entropy_quantile < 1.0,
+                "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
+                "use_adaptive_entropy": self.use_adaptive_entropy,
+            }
+            for name, bad in unsupported.items():
+                if bad:
+                    raise ValueError(f"`advantage_estimator='daro'` does not support `{name}`; leave it at its default")

@@ -1,0 +1,373 @@
+"""``PAPOTrainer``: TRL's ``GRPOTrainer`` with PAPO / GDPO / Dr. GRPO / DARO advantages and DAPO dynamic sampling.
+
+Hook points in TRL 1.16: ``_calculate_rewards`` (score the process rewards of the correct responses and keep the
+gathered rewards), ``_generate_and_score_completions`` (dynamic-sampling rounds, then replace ``advantages`` by
+the estimator's, computed on the gathered rewards and sliced to this process exactly as TRL slices) and
+``_compute_loss`` (DARO's per-bucket weighting; TRL's own loss whenever nothing is customised).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import textwrap
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import gather
+from datasets import IterableDataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOConfig, GRPOTrainer
+from trl.extras.profiling import profiling_context
+from trl.trainer.utils import (
+    get_callable_name,
+    is_async_callable,
+    shutdown_event_loop_in_daemon,
+    start_event_loop_in_daemon,
+)
+
+from papo_kernels import dynamic_sampling_mask
+from papo_kernels.loss import PolicyLossConfig, loss_from_logps
+
+from .config import PROCESS_ESTIMATORS, PAPOConfig
+from .daro import DAROController
+from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
+from .estimators import compute_advantages, correctness, fill_unscorable, weighted_nansum
+from .process_rewards import check_process_reward_funcs, score_process_rewards
+from .sampling import PromptStream, check_row_keys, concat_rows, gather_rows, group_rows, select_groups
+
+logger = get_logger(__name__)
+
+PAPO_STATE_NAME = "papo_state.pt"
+MULTIMODAL_KEYS = (
+    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
+)  # fmt: skip
+
+
+def as_papo_config(args, model, has_process: bool) -> PAPOConfig:
+    """``None`` -> a default ``PAPOConfig`` (PAPO with process functions, else GRPO); a plain ``GRPOConfig`` ->
+    the same settings as a ``PAPOConfig`` with ``advantage_estimator="grpo"``."""
+    if isinstance(args, PAPOConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+        estimator = "papo" if has_process else "grpo"
+        return PAPOConfig(f"{name.split('/')[-1]}-PAPO", advantage_estimator=estimator)
+    if not isinstance(args, GRPOConfig):
+        raise ValueError(f"`args` must be a PAPOConfig (or a GRPOConfig), got {type(args).__name__}")
+    config = PAPOConfig.__new__(PAPOConfig)
+    config.__dict__.update(args.__dict__)
+    for f in dataclasses.fields(PAPOConfig):
+        if f.name not in config.__dict__:
+            setattr(config, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    config.advantage_estimator = "grpo"
+    return config
+
+
+class PAPOTrainer(GRPOTrainer):
+    """[`~trl.GRPOTrainer`] with decoupled process-aware advantages (PAPO), GDPO, Dr. GRPO, DARO and DAPO dynamic
+    sampling; see [`PAPOConfig`].
+
+    Accepts every argument of [`~trl.GRPOTrainer`], plus:
+
+        process_reward_funcs (`Callable | list[Callable]`, *optional*):
+            Process reward functions (e.g. a rubric judge), with TRL's reward signature, sync or async. They are
+            called after the outcome `reward_funcs`, only for the correct responses when
+            `args.process_reward_on_correct_only`; a `None` score leaves the response out of the process statistics.
+
+    With `advantage_estimator="grpo"` and no process functions it trains exactly as [`~trl.GRPOTrainer`].
+    """
+
+    _tag_names = ["trl", "grpo", "papo"]
+    _name = "PAPO"
+    _paper = {
+        "title": "Stabilizing Rubric Integration Training via Decoupled Advantage Normalization",
+        "id": "2603.26535",
+        "citation": textwrap.dedent("""\
+            @misc{tan2026stabilizingrubricintegrationtraining,
+                title        = {{Stabilizing Rubric Integration Training via Decoupled Advantage Normalization}},
+                author       = {Zelin Tan and Zhouliang Yu and Bohan Lin and Zijie Geng and Hejia Geng and others},
+                year         = 2026,
+                eprint       = {arXiv:2603.26535},
+            }"""),
+    }
+
+    def __init__(self, model, reward_funcs=None, args=None, *trl_args, process_reward_funcs=None, **trl_kwargs):
+        process_reward_funcs = check_process_reward_funcs(process_reward_funcs)
+        args = as_papo_config(args, model, bool(process_reward_funcs))
+        super().__init__(model, reward_funcs, args, *trl_args, **trl_kwargs)
+        self.process_reward_funcs = process_reward_funcs
+        self.process_reward_func_names = [get_callable_name(f) for f in process_reward_funcs]
+        weights = args.process_reward_weights or [1.0] * len(process_reward_funcs)
+        self.process_reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self._check_trainer_args()
+        if any(map(is_async_callable, process_reward_funcs)) and not self._has_async_funcs:
+            self._has_async_funcs = True
+            self.async_loop_thread, self.async_loop, ready = start_event_loop_in_daemon(name="PAPOTrainer-AsyncLoop")
+            ready.wait()
+            atexit.register(shutdown_event_loop_in_daemon, self.async_loop_thread, self.async_loop)
+        self._daro = None
+        if args.advantage_estimator == "daro":
+            self._daro = DAROController(
+                self.num_generations,
+                learning_rate=args.daro_learning_rate,
+                init_weight=args.daro_init_weight,
+                max_weight=args.daro_max_weight,
+                device=self.accelerator.device,
+            )
+        self._prompt_stream = None
+        if args.dynamic_sampling:
+            self._prompt_stream = PromptStream(
+                self.train_dataset,
+                args.generation_batch_size // self.num_generations,
+                self.num_generations,
+                seed=args.seed,
+                process_index=self.accelerator.process_index,
+                num_processes=self.accelerator.num_processes,
+                collate=self.data_collator,
+            )
+        self._loss_config = PolicyLossConfig.from_trainer_args(args) if self._daro is not None else None
+        self._round_rewards = None
+
+    def _check_trainer_args(self) -> None:
+        args = self.args
+        if args.advantage_estimator in PROCESS_ESTIMATORS and not self.process_reward_funcs:
+            raise ValueError(
+                f"`advantage_estimator={args.advantage_estimator!r}` needs `process_reward_funcs` (e.g. a rubric "
+                "judge); pass them, or use `advantage_estimator='grpo'`"
+            )
+        index = args.correctness_reward_index
+        if index is not None and index >= len(self.reward_funcs):
+            raise ValueError(
+                f"`correctness_reward_index` is {index}, but there are only {len(self.reward_funcs)} outcome "
+                "reward functions"
+            )
+        if len(self.process_reward_weights) != len(self.process_reward_funcs):
+            raise ValueError(
+                f"`process_reward_weights` has {len(self.process_reward_weights)} entries but there are "
+                f"{len(self.process_reward_funcs)} process reward functions"
+            )
+        if args.dynamic_sampling and isinstance(self.train_dataset, IterableDataset):
+            raise ValueError("`dynamic_sampling=True` needs a map-style `train_dataset` (not an IterableDataset)")
+
+    # ------------------------------------------------------------------------------------------------ rewards
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        process = None
+        if self.process_reward_funcs:
+            n = len(prompts)
+            start = self.accelerator.process_index * n
+            args = self.args
+            correct = correctness(
+                rewards_per_func[start : start + n], self.reward_weights, args.correctness_reward_index,
+                args.correct_threshold,
+            )  # fmt: skip
+            rows = torch.nonzero(correct).flatten().tolist() if args.process_reward_on_correct_only else range(n)
+            base_kwargs = {"trainer_state": self.state, "log_metric": self._log_metric}
+            if self.environments is not None:
+                base_kwargs["environments"] = self.environments
+            with profiling_context(self, "process_rewards"):
+                local = score_process_rewards(
+                    self.process_reward_funcs, self.process_reward_func_names, inputs, prompts, completions,
+                    completion_ids_list, rows, base_kwargs=base_kwargs, log_extra=self._log_completion_extra,
+                    async_loop=getattr(self, "async_loop", None), device=self.accelerator.device,
+                )  # fmt: skip
+            process = gather(local)
+        self._round_rewards = (rewards_per_func, process)
+        return rewards_per_func
+
+    # ------------------------------------------------------------------------------------------------ batches
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        dynamic = self._prompt_stream is not None and mode == "train"
+        rounds, kept, target, batch = [], 0, 0, inputs
+        while True:
+            output = super()._generate_and_score_completions(batch)
+            rewards_per_func, process = self._round_rewards
+            for _ in range(rewards_per_func.shape[0]):  # TRL logged its own advantages; ours replace them below
+                self._logs["advantages"].pop()
+            if not dynamic:
+                rounds.append((output, rewards_per_func, process, None))
+                break
+            check_row_keys(output)
+            outcome = fill_unscorable(weighted_nansum(rewards_per_func, self.reward_weights), G)
+            keep = dynamic_sampling_mask(outcome, G)
+            rounds.append((output, rewards_per_func, process, keep))
+            target = target or keep.numel()
+            kept += int(keep.sum().item())
+            if kept >= target or len(rounds) >= self.args.max_generation_batches:
+                break
+            batch = self._prompt_stream.next_batch()
+        if dynamic:
+            output, rewards_per_func, process, valid, origin = self._assemble_rounds(rounds, target, G)
+            self._log_dynamic_sampling(mode, len(rounds), kept, target)
+            generated = sum(r[1].shape[0] for r in rounds)
+            return self._set_advantages(output, rewards_per_func, process, G, mode, valid, origin, generated)
+        return self._set_advantages(output, rewards_per_func, process, G, mode)
+
+    def _assemble_rounds(self, rounds, target: int, G: int):
+        """The kept groups of all rounds (topped up with masked dropped groups), re-balanced over processes."""
+        pad_id = self._tokenizer.pad_token_id
+        merged = concat_rows([gather_rows(self.accelerator, r[0], pad_id) for r in rounds], pad_id)
+        keep = torch.cat([r[3] for r in rounds])
+        groups, valid_groups = select_groups(keep, target)
+        origin = group_rows(groups, G)
+        valid = valid_groups.repeat_interleave(G)
+        rewards_per_func = torch.cat([r[1] for r in rounds])[origin]
+        process = torch.cat([r[2] for r in rounds])[origin] if rounds[0][2] is not None else None
+        n = origin.numel() // self.accelerator.num_processes
+        local_rows = origin[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
+        local_valid = valid[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
+        output = {key: value[local_rows] for key, value in merged.items()}
+        for key in ("completion_mask", "tool_mask"):
+            if key in output:
+                output[key] = output[key] * local_valid[:, None].to(output[key].dtype)
+        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        return output, rewards_per_func, process, valid, origin
+
+    def _log_dynamic_sampling(self, mode: str, num_rounds: int, kept: int, target: int) -> None:
+        metrics = self._metrics[mode]
+        metrics["dynamic_sampling/rounds"].append(float(num_rounds))
+        metrics["dynamic_sampling/kept_frac"].append(kept / (target * num_rounds))
+        metrics["dynamic_sampling/batch_fill"].append(min(kept, target) / target)
+        metrics["dynamic_sampling/cap_hit"].append(float(kept < target))
+        if kept < target:
+            logger.warning(
+                f"Dynamic sampling kept {kept} of the {target} groups a batch needs after {num_rounds} generation "
+                f"rounds (`max_generation_batches={self.args.max_generation_batches}`); training on the kept groups "
+                "only. Raise `max_generation_batches` or check that the rewards vary within groups."
+            )
+
+    def _set_advantages(self, output, rewards_per_func, process, G, mode, valid=None, origin=None, generated=0):
+        """Replace TRL's advantages by the estimator's (on the gathered rewards), log diagnostics, annotate DARO."""
+        args = self.args
+        correct = correctness(
+            rewards_per_func, self.reward_weights, args.correctness_reward_index, args.correct_threshold
+        )
+        combined = weighted_nansum(process, self.process_reward_weights) if process is not None else None
+        adv = compute_advantages(
+            args.advantage_estimator, rewards_per_func, combined, correct, G,
+            reward_weights=self.reward_weights, scale_rewards=args.scale_rewards,
+            multi_objective_aggregation=args.multi_objective_aggregation, lambda_process=args.lambda_process,
+            eps=args.advantage_epsilon, valid=valid,
+        )  # fmt: skip
+        n = output["completion_mask"].shape[0]
+        start = self.accelerator.process_index * n
+        output["advantages"] = adv.total[start : start + n].to(output["advantages"].dtype)
+        if origin is None:
+            self._logs["advantages"].extend(adv.total.tolist())
+        else:  # one value per generated row, in generation order, aligned with the logged completions
+            logged = torch.zeros(generated, device=adv.total.device)
+            logged[origin] = adv.total
+            self._logs["advantages"].extend(logged.tolist())
+        metrics = advantage_metrics(adv, correct, valid)
+        if process is not None:
+            metrics.update(process_metrics(process, self.process_reward_func_names, correct))
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        if self._daro is not None:
+            loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+            row_tokens = self.accelerator.gather(loss_mask.sum(dim=1).float())
+            buckets, bucket_tokens = self._daro.annotate(correct, row_tokens)
+            output["daro_bucket"] = buckets[start : start + n]
+            output["daro_bucket_tokens"] = bucket_tokens[start : start + n]
+        return output
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        """TRL's own loss unless DARO reweights it (or the fused loss computes it); see :meth:`_policy_loss`."""
+        if self._daro is None:
+            return super()._compute_loss(model, inputs)
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
+        # TRL's dapo normaliser is tokens / num_processes * accumulation / steps_per_generation; the accumulation
+        # factor is applied to the whole loss (entropy bonus included) below
+        factor = self.accelerator.num_processes * (self.args.steps_per_generation if mode == "train" else 1)
+        mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
+        scale = self._daro.sequence_scale(inputs["daro_bucket"], inputs["daro_bucket_tokens"], factor)
+        output, aux_loss = self._policy_loss(model, inputs, mask, scale)
+        loss = output.loss / accumulation
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._log_loss_metrics(output, mask, mode)
+        if mode == "train":
+            self._daro.accumulate(output.sequence_loss, mask.sum(dim=1), inputs["daro_bucket"])
+            if self.accelerator.sync_gradients:
+                for key, value in self._daro.step(self.accelerator).items():
+                    self._metrics[mode][key].append(value)
+        return loss
+
+    def _policy_loss(self, model, inputs, mask, sequence_scale):
+        """The policy loss of a micro-batch as a ``PolicyLossOutput`` (and the MoE aux loss): TRL's per-token
+        log-probs (its chunked LM head) and ``papo_kernels.loss.loss_from_logps`` with ``sequence_scale``."""
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        logps, entropy, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in MULTIMODAL_KEYS},
+        )
+        use_is = self.use_vllm and self.vllm_importance_sampling_correction
+        output = loss_from_logps(
+            logps,
+            entropy,
+            mask,
+            inputs["advantages"],
+            old_logps=inputs.get("old_per_token_logps"),
+            ref_logps=inputs.get("ref_per_token_logps"),
+            importance_sampling_ratio=inputs.get("importance_sampling_ratio") if use_is else None,
+            sequence_scale=sequence_scale,
+            config=self._loss_config,
+        )
+        return output, aux_loss
+
+    def _log_loss_metrics(self, output, mask, mode: str) -> None:
+        """Token-weighted means over all processes, under TRL's metric names."""
+        count = mask.sum().float()
+        for key, value in output.metrics.items():
+            weight = torch.ones_like(count) if key == "policy_loss" else count
+            totals = self.accelerator.reduce(torch.stack([value.float() * weight, weight]), reduction="sum")
+            self._metrics[mode][key].append((totals[0] / totals[1].clamp(min=1.0)).item())
+
+    # ------------------------------------------------------------------------------------------------ logs and state
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        funcs = list(self.reward_funcs) + list(self.process_reward_funcs)
+        names = list(self.reward_func_names) + list(self.process_reward_func_names)
+        for key, value in reward_func_counters(funcs, names, self.accelerator).items():
+            self._metrics[mode][key].append(value)
+        super().log(logs, start_time)
+
+    def _papo_state(self) -> dict:
+        state = {}
+        if self._daro is not None:
+            state["daro"] = self._daro.state_dict()
+        if self._prompt_stream is not None:
+            state["prompt_stream"] = self._prompt_stream.state_dict()
+        return state
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        state = self._papo_state()
+        if state and self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            torch.save(state, os.path.join(self._get_output_dir(trial=trial), folder, PAPO_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = None if checkpoint is None else os.path.join(checkpoint, PAPO_STATE_NAME)
+        if path is None or not os.path.isfile(path):
+            return
+        state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        if self._daro is not None and "daro" in state:
+            self._daro.load_state_dict(state["daro"])
+        if self._prompt_stream is not None and "prompt_stream" in state:
+            self._prompt_stream.load_state_dict(state["prompt_stream"])

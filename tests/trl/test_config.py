@@ -1,0 +1,88 @@
+"""PAPOConfig: defaults, derived settings, validation at construction and command-line parsing."""
+
+import pytest
+from transformers import HfArgumentParser
+from trl import GRPOConfig
+
+from papo_trl import PAPOConfig
+from papo_trl.trainer import as_papo_config
+from tests.trl.tiny import tiny_args
+
+
+def test_defaults_and_grpo_fields_kept(tmp_path):
+    args = tiny_args(tmp_path)
+    assert args.advantage_estimator == "papo"
+    assert args.lambda_process == 1.0 and args.advantage_epsilon is None
+    assert args.correct_threshold == 1.0 and args.correctness_reward_index == 0
+    assert args.process_reward_on_correct_only and args.use_fused_loss and not args.dynamic_sampling
+    assert args.max_generation_batches == 4
+    # GRPOConfig's own derived fields still work
+    assert args.generation_batch_size == 8 and args.steps_per_generation == 1
+    assert isinstance(args, GRPOConfig)
+
+
+def test_every_added_field_is_documented():
+    doc = PAPOConfig.__doc__
+    added = set(PAPOConfig.__dataclass_fields__) - set(GRPOConfig.__dataclass_fields__)
+    assert added, "PAPOConfig adds fields"
+    for name in added:
+        assert f"{name} (`" in doc, f"{name} has no docstring entry"
+        assert PAPOConfig.__dataclass_fields__[name].metadata.get("help"), f"{name} has no help text"
+
+
+@pytest.mark.parametrize(
+    "estimator, field, expected",
+    [
+        ("dr_grpo", "scale_rewards", "none"),
+        ("gdpo", "multi_objective_aggregation", "normalize_then_sum"),
+        ("papo_fullnorm", "process_reward_on_correct_only", False),
+    ],
+)
+def test_estimator_sets_its_trl_options(tmp_path, estimator, field, expected):
+    assert getattr(tiny_args(tmp_path, advantage_estimator=estimator), field) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"advantage_estimator": "ppo"}, "advantage_estimator"),
+        ({"lambda_process": float("nan")}, "lambda_process"),
+        ({"advantage_epsilon": -1e-3}, "advantage_epsilon"),
+        ({"correct_threshold": float("inf")}, "correct_threshold"),
+        ({"correctness_reward_index": -1}, "correctness_reward_index"),
+        ({"correctness_reward_index": 1.5}, "correctness_reward_index"),
+        ({"process_reward_weights": [1.0, float("nan")]}, "process_reward_weights"),
+        ({"max_generation_batches": 0}, "max_generation_batches"),
+        ({"daro_learning_rate": 0.0}, "daro_learning_rate"),
+        ({"daro_max_weight": 0.5}, "daro_max_weight"),
+        ({"daro_init_weight": 1000.0}, "daro_init_weight"),
+        ({"advantage_estimator": "papo", "scale_rewards": "batch"}, "scale_rewards"),
+        ({"advantage_estimator": "daro", "loss_type": "vespo"}, "loss_type"),
+        ({"advantage_estimator": "daro", "top_entropy_quantile": 0.2}, "top_entropy_quantile"),
+    ],
+)
+def test_bad_values_raise(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_args(tmp_path, **overrides)
+
+
+def test_grpo_config_becomes_grpo_estimator(tmp_path):
+    grpo = tiny_args(tmp_path, config_class=GRPOConfig, scale_rewards="batch", epsilon_high=0.28)
+    args = as_papo_config(grpo, model=None, has_process=False)
+    assert isinstance(args, PAPOConfig) and args.advantage_estimator == "grpo"
+    assert args.scale_rewards == "batch" and args.epsilon_high == 0.28
+    assert args.generation_batch_size == grpo.generation_batch_size
+    assert args.lambda_process == 1.0 and args.max_generation_batches == 4
+
+
+def test_command_line_parsing(tmp_path):
+    (args,) = HfArgumentParser(PAPOConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir", str(tmp_path), "--advantage_estimator", "daro", "--process_reward_weights", "1.0", "0.5",
+            "--correctness_reward_index", "1", "--dynamic_sampling", "--use_cpu", "--bf16", "false",
+            "--per_device_train_batch_size", "4", "--num_generations", "4",
+        ]
+    )  # fmt: skip
+    assert args.advantage_estimator == "daro"
+    assert args.process_reward_weights == [1.0, 0.5]
+    assert args.correctness_reward_index == 1 and args.dynamic_sampling
