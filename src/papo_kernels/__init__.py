@@ -13,7 +13,7 @@ from .advantages import (
     pass_rate_buckets,
 )
 from .daro import DAROWeights
-from .loss import PolicyLossConfig, PolicyLossOutput
+from .loss import PolicyLossConfig, PolicyLossOutput, policy_loss
 
 __version__ = "0.1.0"
 
@@ -28,4 +28,5 @@ __all__ = [
     "grpo_advantages",
     "papo_advantages",
     "pass_rate_buckets",
+    "policy_loss",
 ]

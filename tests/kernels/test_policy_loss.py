@@ -1,0 +1,197 @@
+"""The fused policy-loss kernels against the torch reference (itself checked against TRL in fp64)."""
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import papo_kernels
+from papo_kernels import PolicyLossConfig
+from papo_kernels.loss import plan as plan_mod
+from papo_kernels.loss import policy_loss, policy_loss_reference, token_logps_and_entropy
+from tests.kernels._policy_loss_cases import configs, input_options, kwargs_of, make_case
+
+B, T, V = 3, 6, 11
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ALL = [(lt, lvl) for lt in papo_kernels.loss.LOSS_TYPES for lvl in ("token", "sequence")]
+
+
+def run(fn, case, cfg, logits=None, **extra):
+    x = (case["logits"] if logits is None else logits).clone().requires_grad_()
+    out = fn(x, case["completion_ids"], case["completion_mask"], case["advantages"], config=cfg, **kwargs_of(case),
+             **extra)  # fmt: skip
+    out.loss.backward()
+    return out, x.grad
+
+
+def assert_outputs_close(a, b, grad_a, grad_b, rtol, atol):
+    torch.testing.assert_close(a.loss, b.loss.to(a.loss.dtype), rtol=rtol, atol=atol)
+    gscale = max(grad_b.abs().max().item(), 1e-30)
+    torch.testing.assert_close(grad_a.to(grad_b.dtype), grad_b, rtol=rtol, atol=atol * gscale)
+    assert set(a.metrics) == set(b.metrics)
+    for k in b.metrics:
+        torch.testing.assert_close(a.metrics[k], b.metrics[k].to(a.metrics[k].dtype), rtol=rtol, atol=atol, msg=k)
+    for name in ("per_token_logps", "entropy", "sequence_loss"):
+        ours, ref = getattr(a, name), getattr(b, name)
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=rtol, atol=atol * max(1.0, ref.abs().max().item()))
+
+
+@given(cfg=configs(T=T), opts=input_options(), seed=st.integers(0, 2**16))
+def test_kernel_matches_reference_fp64(cfg, opts, seed):
+    case = make_case(seed, B, T, V, cfg=cfg, device=DEVICE, **opts)
+    ours, g_ours = run(policy_loss, case, cfg)
+    ref, g_ref = run(policy_loss_reference, case, cfg)
+    assert_outputs_close(ours, ref, g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type,level", ALL)
+def test_fp32_matches_fp64_reference(loss_type, level, device, monkeypatch):
+    """fp32 logits: loss and dlogits within 1e-5 (relative) of TRL's formulas in fp64, several vocab blocks."""
+    monkeypatch.setattr(plan_mod, "MAX_BLOCK_V", 32)
+    cfg = PolicyLossConfig(
+        loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28 if loss_type != "cispo" else 1.3,
+        beta=0.04, use_bias_correction_kl=level == "sequence", entropy_coef=0.01, temperature=0.8,
+        max_completion_length=10, delta=1.4 if loss_type == "grpo" else None,
+    )  # fmt: skip
+    case = make_case(7, 4, 8, 77, cfg=cfg, adv_2d=level == "token", is_ratio="token", masked_row=True, device=device)
+    case32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in case.items()}
+    ours, g_ours = run(policy_loss, case32, cfg)
+    ref, g_ref = run(policy_loss_reference, case, cfg, logits=case32["logits"].double())
+    assert ours.loss.dtype == torch.float32 and ours.per_token_logps.dtype == torch.float32
+    assert g_ours.dtype == torch.float32
+    assert_outputs_close(ours, ref, g_ours, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_is_closer_to_fp64_than_eager_bf16(device):
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    from papo_kernels.loss import loss_from_logps
+
+    cfg = PolicyLossConfig(loss_type="grpo", entropy_coef=0.01, beta=0.04)
+    case = make_case(11, 4, 16, 500, cfg=cfg, device=device, scale=4.0)
+    x16 = case["logits"].bfloat16()
+    ours, g_ours = run(policy_loss, case, cfg, logits=x16)
+    ref, g_ref = run(policy_loss_reference, case, cfg, logits=x16.double())
+
+    eager_x = x16.clone().requires_grad_()
+    logps = selective_log_softmax(eager_x, case["completion_ids"])
+    entropy = entropy_from_logits(eager_x)
+    eager = loss_from_logps(logps, entropy, case["completion_mask"], case["advantages"], config=cfg, **kwargs_of(case))
+    eager.loss.backward()
+
+    def err(a, b):
+        return (a.double() - b.double()).abs().max().item()
+
+    mask = case["completion_mask"] > 0
+    assert err(ours.per_token_logps[mask], ref.per_token_logps[mask]) < err(logps[mask], ref.per_token_logps[mask])
+    assert err(ours.entropy[mask], ref.entropy[mask]) < err(entropy[mask], ref.entropy[mask])
+    assert err(g_ours, g_ref) < err(eager_x.grad, g_ref)
+    assert err(ours.loss, ref.loss) <= err(eager.loss, ref.loss) + 1e-7
+    assert g_ours.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_masked_rows_and_fully_masked_batch(level, device):
+    cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level=level, beta=0.1, entropy_coef=0.1)
+    case = make_case(3, B, T, V, cfg=cfg, device=device, masked_row=True)
+    # garbage where masked must not leak: NaN logits and inputs on the masked row
+    case["logits"][B - 1] = float("nan")
+    case["old_logps"][B - 1] = float("nan")
+    ours, g = run(policy_loss, case, cfg)
+    assert torch.isfinite(ours.loss) and torch.isfinite(g).all()
+    assert torch.count_nonzero(g[B - 1]) == 0
+    case["completion_mask"].zero_()
+    ours, g = run(policy_loss, case, cfg)
+    assert ours.loss.item() == 0.0 and torch.count_nonzero(g) == 0
+    assert all(torch.isfinite(v) for v in ours.metrics.values())
+
+
+def test_extreme_and_neg_inf_logits(device, monkeypatch):
+    monkeypatch.setattr(plan_mod, "MAX_BLOCK_V", 16)
+    cfg = PolicyLossConfig(loss_type="dapo", entropy_coef=0.05, beta=0.02)
+    case = make_case(4, 2, 5, 50, cfg=cfg, device=device, scale=1e4)
+    x = case["logits"].float()
+    x[:, :, :16] = float("-inf")  # a whole -inf block first, then mixed blocks
+    x[0, 0, 20:40] = float("-inf")
+    case["completion_ids"].clamp_(min=40)
+    logps, _ = token_logps_and_entropy(x.double(), case["completion_ids"])
+    case["old_logps"] = logps + 0.1
+    case["ref_logps"] = logps - 0.1
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, g = run(policy_loss, case, cfg, logits=x.to(dtype))
+        ref, g_ref = run(policy_loss_reference, case, cfg, logits=x.to(dtype).double())
+        assert torch.isfinite(ours.loss) and torch.isfinite(g.float()).all()
+        assert torch.isfinite(ours.entropy).all() and torch.isfinite(ours.per_token_logps).all()
+        torch.testing.assert_close(ours.per_token_logps.double(), ref.per_token_logps, rtol=1e-5, atol=1e-3)
+        assert torch.count_nonzero(g[:, :, :16]) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, V, 10**6])
+def test_bad_ids_raise(bad, device):
+    case = make_case(5, B, T, V, cfg=PolicyLossConfig(), device=device)
+    case["completion_ids"][1, 2] = bad
+    with pytest.raises(ValueError, match="completion_ids"):
+        run(policy_loss, case, PolicyLossConfig())
+
+
+def test_inplace_grad_and_strided_logits(device):
+    cfg = PolicyLossConfig(loss_type="bnpo", entropy_coef=0.02)
+    case = make_case(6, B, T, V, cfg=cfg, device=device, dtype=torch.float32)
+    _, g = run(policy_loss, case, cfg)
+    x = case["logits"].clone().requires_grad_()
+    buf = x.detach().clone()
+    out = policy_loss(buf.requires_grad_(), case["completion_ids"], case["completion_mask"], case["advantages"],
+                      inplace_grad=True, config=cfg, **kwargs_of(case))  # fmt: skip
+    out.loss.backward()
+    torch.testing.assert_close(buf.detach(), g)  # the logits buffer now holds dlogits
+    torch.testing.assert_close(buf.grad, g)
+    # a sliced (non-contiguous) view, as a causal LM's logits[:, :-1] is
+    full = torch.randn(B, T + 1, V + 5, device=device)[:, :-1, :V]
+    full.copy_(case["logits"])
+    _, g_view = run(policy_loss, case, cfg, logits=full)
+    torch.testing.assert_close(g_view, g)
+
+
+def test_num_items_and_sequence_scale_inputs(device):
+    cfg = PolicyLossConfig(loss_type="dapo")
+    case = make_case(8, B, T, V, cfg=cfg, device=device)
+    for n in (5.0, torch.tensor(5.0, dtype=torch.float64, device=device)):
+        ours, g = run(policy_loss, case, cfg, num_items_in_batch=n)
+        ref, g_ref = run(policy_loss_reference, case, cfg, num_items_in_batch=5.0)
+        assert_outputs_close(ours, ref, g, g_ref, rtol=1e-10, atol=1e-12)
+    scale = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64, device=device)
+    ours, g = run(policy_loss, case, cfg, sequence_scale=scale)
+    torch.testing.assert_close(ours.loss, (ours.sequence_loss * scale).sum())
+    assert torch.count_nonzero(g[1]) == 0
+
+
+def test_long_sequence(device, monkeypatch):
+    """One 1,100-token sequence: the sequence kernel loops over three token blocks, logits over vocab blocks."""
+    monkeypatch.setattr(plan_mod, "MAX_BLOCK_V", 16)
+    cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.01, entropy_coef=0.01)
+    case = make_case(9, 1, 1100, 20, cfg=cfg, device=device, dtype=torch.float32)
+    ours, g = run(policy_loss, case, cfg)
+    ref, g_ref = run(policy_loss_reference, case, cfg, logits=case["logits"].double())
+    assert_outputs_close(ours, ref, g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    import papo_kernels._runtime as rt
+    from papo_kernels.loss import logits as logits_mod
+
+    monkeypatch.setattr(rt, "INTERPRET", False)
+    monkeypatch.setattr(logits_mod.PolicyLossFunction, "apply", lambda *a: pytest.fail("kernel path taken"))
+    cfg = PolicyLossConfig()
+    case = make_case(10, B, T, V, cfg=cfg)
+    ours, g = run(policy_loss, case, cfg)
+    ref, g_ref = run(policy_loss_reference, case, cfg)
+    torch.testing.assert_close(ours.loss, ref.loss)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_public_exports():
+    assert papo_kernels.policy_loss is policy_loss
+    assert {"policy_loss", "PolicyLossConfig", "PolicyLossOutput"} <= set(papo_kernels.__all__)
+    assert dataclasses.is_dataclass(PolicyLossConfig)
