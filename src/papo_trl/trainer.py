@@ -120,7 +120,7 @@ class PAPOTrainer(GRPOTrainer):
         self._prompt_stream = None
         if args.dynamic_sampling:
             self._prompt_stream = PromptStream(
-                self.train_dataset,
+                self._remove_unused_columns(self.train_dataset, description="Training"),
                 args.generation_batch_size // self.num_generations,
                 self.num_generations,
                 seed=args.seed,
@@ -187,8 +187,9 @@ class PAPOTrainer(GRPOTrainer):
         while True:
             output = super()._generate_and_score_completions(batch)
             rewards_per_func, process = self._round_rewards
-            for _ in range(rewards_per_func.shape[0]):  # TRL logged its own advantages; ours replace them below
-                self._logs["advantages"].pop()
+            logged = self._logs["advantages"]  # TRL logged its own advantages; ours replace them below
+            for _ in range(min(rewards_per_func.shape[0], len(logged))):
+                logged.pop()
             if not dynamic:
                 rounds.append((output, rewards_per_func, process, None))
                 break
@@ -269,7 +270,7 @@ class PAPOTrainer(GRPOTrainer):
             metrics.update(process_metrics(process, self.process_reward_func_names, correct))
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
-        if self._daro is not None:
+        if self._daro is not None and mode == "train":
             loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
             row_tokens = self.accelerator.gather(loss_mask.sum(dim=1).float())
             buckets, bucket_tokens = self._daro.annotate(correct, row_tokens)
@@ -279,8 +280,8 @@ class PAPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
-        """TRL's own loss unless DARO reweights it (or the fused loss computes it); see :meth:`_policy_loss`."""
-        if self._daro is None:
+        """TRL's own loss unless DARO reweights it (training batches); see :meth:`_policy_loss`."""
+        if "daro_bucket" not in inputs:
             return super()._compute_loss(model, inputs)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1

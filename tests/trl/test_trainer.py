@@ -109,6 +109,29 @@ def test_grpo_estimator_reproduces_grpo_trainer(tmp_path, config_class):
             assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-7), key
 
 
+def one_correct_per_group(completions, **kwargs):
+    """The first response of every group of 4 is correct: every group is in pass-rate bucket k = 1."""
+    return [float(i % 4 == 0) for i in range(len(completions))]
+
+
+def test_daro_with_one_bucket_and_unit_weight_is_trl_dapo(tmp_path):
+    """With every group in one bucket and w = 1, DARO's loss is the token mean over the batch: TRL's dapo loss,
+    including its data-parallel and accumulation normalisation."""
+    common = dict(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, loss_type="dapo")
+    reference = make_trainer(tmp_path / "grpo", trainer_class=GRPOTrainer, reward_funcs=(one_correct_per_group,),
+                             model=tiny_model(TOKENIZER, seed=5),
+                             args=tiny_args(tmp_path / "grpo", config_class=GRPOConfig, **common))  # fmt: skip
+    expected = train_logs(reference)
+    daro = make_trainer(tmp_path / "daro", reward_funcs=(one_correct_per_group,), model=tiny_model(TOKENIZER, seed=5),
+                        advantage_estimator="daro", daro_learning_rate=1e-12, **common)  # fmt: skip
+    got = train_logs(daro)
+    for e, g in zip(expected, got, strict=True):
+        assert g["reward"] == e["reward"]
+        for key in ("loss", "grad_norm", "entropy"):
+            assert g[key] == pytest.approx(e[key], rel=1e-4, abs=1e-7), key
+        assert g["daro/weight_k1"] == pytest.approx(1.0) and math.isnan(g.get("daro/loss_k2") or math.nan)
+
+
 def test_peft_lora(tmp_path):
     from peft import LoraConfig
 
