@@ -13,7 +13,7 @@ from .advantages import (
     pass_rate_buckets,
 )
 from .daro import DAROWeights
-from .loss import PolicyLossConfig, PolicyLossOutput, policy_loss
+from .loss import PolicyLossConfig, PolicyLossOutput, fused_linear_policy_loss, policy_loss
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "PolicyLossConfig",
     "PolicyLossOutput",
     "dynamic_sampling_mask",
+    "fused_linear_policy_loss",
     "gdpo_advantages",
     "grpo_advantages",
     "papo_advantages",

@@ -47,8 +47,21 @@ def input_options(draw) -> dict:
 
 
 def make_case(
-    seed: int, B: int, T: int, V: int, *, cfg: PolicyLossConfig, adv_2d=False, off_policy=True, is_ratio=None,
-    num_items=None, sequence_scale=False, masked_row=False, dtype=torch.float64, device="cpu", scale=3.0,
+    seed: int,
+    B: int,
+    T: int,
+    V: int,
+    *,
+    cfg: PolicyLossConfig,
+    adv_2d=False,
+    off_policy=True,
+    is_ratio=None,
+    num_items=None,
+    sequence_scale=False,
+    masked_row=False,
+    dtype=torch.float64,
+    device="cpu",
+    scale=3.0,
 ) -> dict:
     """Random logits ``[B, T, V]`` and everything else; old/ref log-probs sit near the current ones so ratios
     straddle the clip range."""

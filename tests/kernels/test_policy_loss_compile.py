@@ -25,8 +25,14 @@ KERNELS = {
 }
 CONFIGS = [
     PolicyLossConfig(loss_type="dapo"),
-    PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.04, entropy_coef=0.01, delta=1.5,
-                     use_bias_correction_kl=True),  # fmt: skip
+    PolicyLossConfig(
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+        beta=0.04,
+        entropy_coef=0.01,
+        delta=1.5,
+        use_bias_correction_kl=True,
+    ),  # fmt: skip
     PolicyLossConfig(loss_type="cispo", epsilon_high=5.0, beta=0.1),
     PolicyLossConfig(loss_type="sapo", entropy_coef=0.1),
 ]

@@ -1,6 +1,7 @@
 """Clipped policy loss for group-relative RL (GRPO, DAPO, Dr.GRPO, GSPO, CISPO, SAPO, LUSPO), TRL semantics."""
 
 from .config import LOSS_TYPES, PolicyLossConfig, PolicyLossOutput
+from .fused_linear import fused_linear_policy_loss, linear_logits
 from .logits import policy_loss
 from .naive import loss_from_logps, policy_loss_reference, token_logps_and_entropy
 
@@ -8,6 +9,8 @@ __all__ = [
     "LOSS_TYPES",
     "PolicyLossConfig",
     "PolicyLossOutput",
+    "fused_linear_policy_loss",
+    "linear_logits",
     "loss_from_logps",
     "policy_loss",
     "policy_loss_reference",

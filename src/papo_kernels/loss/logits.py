@@ -100,4 +100,3 @@ def policy_loss(
     )  # fmt: skip
     metrics = metrics_from_out(out, config)
     return PolicyLossOutput(loss=loss, per_token_logps=logps, entropy=entropy, metrics=metrics, sequence_loss=seq)
-

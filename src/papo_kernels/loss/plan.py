@@ -129,8 +129,9 @@ def metrics_from_out(out: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torc
 def make_plan(
     completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
     sequence_scale, num_items_in_batch, cfg: PolicyLossConfig, acc: torch.dtype, device,
-    logit_scale: float = 1.0, softcap: float | None = None,
+    logit_scale: float = 1.0, softcap: float | None = None, zeroed: bool = False,
 ) -> Plan:  # fmt: skip
+    """Prepared inputs and buffers; ``zeroed`` when the row kernel will not visit every token (compacted rows)."""
     B, T = completion_ids.shape
     N = B * T
     mask = completion_mask.to(device).contiguous()
@@ -145,7 +146,8 @@ def make_plan(
     # one allocation, every segment 16-element aligned (pointer alignment is part of Triton's specialization key)
     sizes = [N] * 7 + [N_PART * B, B, N_OUT, 1]
     padded = [-(-n // 16) * 16 for n in sizes]
-    flat = torch.empty(sum(padded), dtype=acc, device=device)
+    alloc = torch.zeros if zeroed else torch.empty
+    flat = alloc(sum(padded), dtype=acc, device=device)
     views = [v[:n] for v, n in zip(flat.split(padded), sizes, strict=True)]
     return Plan(
         cfg=cfg, B=B, T=T, acc=acc, ids=completion_ids.to(device).contiguous(), mask=mask, adv=adv,
@@ -156,7 +158,7 @@ def make_plan(
         seq_scale=None if sequence_scale is None else sequence_scale.to(device).contiguous(),
         num_items=num_items_in_batch, params=params_tensor(cfg, acc, device, logit_scale, softcap),
         softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], g=views[4],
-        ptl=views[5], kl=views[6], flags=torch.empty(N, dtype=torch.int32, device=device),
+        ptl=views[5], kl=views[6], flags=alloc(N, dtype=torch.int32, device=device),
         part=views[7].view(B, N_PART), w=views[8], out=views[9], loss=views[10].view(()),
     )  # fmt: skip
 

@@ -1,0 +1,213 @@
+"""Fused linear policy loss: the loss and its gradients from hidden states and the LM head, one token chunk of
+logits at a time.
+
+For a chunk of (unmasked) tokens: ``logits = h @ W^T (+ b)`` (one GEMM, fp32 accumulation), the row kernel reads
+them once for log-probs, entropy and loss terms, the row-gradient kernel turns them into ``dL/dlogits`` in place,
+then ``grad_h = dlogits @ W`` and ``grad_W += dlogits^T @ h`` (fp32 accumulator): three GEMMs per chunk, gradients
+computed during the forward and scaled by the incoming gradient in the backward. Sequence-level importance
+sampling needs every log-prob before any coefficient, so it runs two phases (log-probs over all chunks, then the
+coefficients, then the chunks again: four GEMMs per chunk). The logits are ``softcap(logit_scale * (h W^T + b)) / T``
+as transformers computes them. A frozen head (``weight.requires_grad=False``, e.g. PEFT) gets no ``grad_W`` and no
+fp32 accumulator. Masked tokens are skipped (never projected).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._runtime import check_same_device, check_tensor, require, use_triton
+from .config import PolicyLossConfig, PolicyLossOutput
+from .inputs import check_ids, check_loss_inputs
+from .naive import policy_loss_reference
+from .plan import backward_rows, finalize, forward_rows, make_plan, metrics_from_out, sequence_and_finalize
+from .terms import C_TOKENS
+
+_OUT_DTYPE_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
+MAX_CHUNK_BYTES = 1 << 30  # logits chunk budget (bytes); also at most 1/8 of the free device memory
+
+
+def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per chunk: the largest power of two whose ``[chunk, V]`` logits fit the budget (256 to 16384)."""
+    budget = MAX_CHUNK_BYTES
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 8)
+    rows = max(budget // (vocab * torch.empty((), dtype=dtype).element_size()), 1)
+    chunk = min(max(1 << (int(rows).bit_length() - 1), 256), 16384)
+    return min(chunk, max(n_tokens, 1))
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into an fp32 (fp64) accumulator without rounding the product to the inputs' dtype."""
+    if _OUT_DTYPE_MM and acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class FusedLinearPolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
+                importance_sampling_ratio, sequence_scale, num_items_in_batch, config, logit_scale, softcap,
+                chunk_size, grad_enabled):  # fmt: skip
+        device = hidden.device
+        cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        acc = torch.float64 if cd == torch.float64 else torch.float32
+        B, T = completion_ids.shape
+        D, V = hidden.shape[-1], weight.shape[0]
+        plan = make_plan(
+            completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
+            sequence_scale, num_items_in_batch, config, acc, device, logit_scale, softcap, zeroed=True,
+        )  # fmt: skip
+        rows = (plan.mask.reshape(-1) != 0).nonzero().squeeze(1)
+        n_valid = rows.numel()
+        chunk = chunk_size or default_chunk_size(n_valid, V, cd, device)
+        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        need_b = need_b and bias is not None
+        flat_h = hidden.reshape(B * T, D)
+        w = weight.to(cd)
+        b = None if bias is None else bias.to(cd)
+        grad_h = torch.zeros(n_valid, D, dtype=acc, device=device) if need_h else None
+        grad_w = torch.zeros(V, D, dtype=acc, device=device) if need_w else None
+        grad_b = torch.zeros(V, dtype=acc, device=device) if need_b else None
+        buf = torch.empty(min(chunk, max(n_valid, 1)), V, dtype=cd, device=device)
+        one = torch.ones(1, dtype=acc, device=device)
+
+        def project(c0: int, c1: int):
+            h = flat_h.index_select(0, rows[c0:c1]).to(cd)
+            logits = buf[: c1 - c0]
+            torch.mm(h, w.t(), out=logits)
+            if b is not None:
+                logits.add_(b)
+            return h, logits
+
+        def gradients(c0: int, c1: int, h, logits) -> None:
+            if not (need_h or need_w or need_b):
+                return
+            backward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, logits, 0, V, one, rows=rows)
+            if grad_h is not None:
+                _addmm_fp32(grad_h[c0:c1], logits, w)
+            if grad_w is not None:
+                _addmm_fp32(grad_w, logits.t(), h)
+            if grad_b is not None:
+                grad_b.add_(logits.sum(0, dtype=acc))
+
+        with torch.autocast(device.type, enabled=False):
+            if plan.seq_level:  # phase 1: log-probs of every token; phase 2: coefficients; phase 3: gradients
+                for c0 in range(0, n_valid, chunk):
+                    c1 = min(c0 + chunk, n_valid)
+                    _, logits = project(c0, c1)
+                    forward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, rows=rows)
+                sequence_and_finalize(plan)
+                for c0 in range(0, n_valid, chunk):
+                    c1 = min(c0 + chunk, n_valid)
+                    gradients(c0, c1, *project(c0, c1))
+            else:  # token level: weights from the mask first, then each chunk's gradients right after its log-probs
+                plan.part[:, C_TOKENS.value] = plan.mask.to(acc).sum(-1)
+                finalize(plan)
+                for c0 in range(0, n_valid, chunk):
+                    c1 = min(c0 + chunk, n_valid)
+                    h, logits = project(c0, c1)
+                    forward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, rows=rows)
+                    gradients(c0, c1, h, logits)
+                sequence_and_finalize(plan)
+
+        ctx.save_for_backward(rows)
+        ctx.grads = grad_h, grad_w, grad_b
+        ctx.shapes = hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+        logps, entropy, seq = plan.logp.view(B, T), plan.ent.view(B, T), plan.sequence_loss()
+        ctx.mark_non_differentiable(logps, entropy, seq, plan.out)
+        return plan.loss, logps, entropy, seq, plan.out
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        (rows,) = ctx.saved_tensors
+        grad_h, grad_w, grad_b = ctx.grads
+        h_shape, h_dtype, w_dtype, b_dtype = ctx.shapes
+        go = grad_loss.reshape(())
+        dh = dw = db = None
+        if grad_h is not None:
+            dh = torch.zeros(h_shape[:-1].numel(), h_shape[-1], dtype=h_dtype, device=grad_h.device)
+            dh.index_copy_(0, rows, grad_h.mul_(go).to(h_dtype))
+            dh = dh.view(h_shape)
+        if grad_w is not None:
+            dw = grad_w.mul_(go).to(w_dtype)
+        if grad_b is not None:
+            db = grad_b.mul_(go).to(b_dtype)
+        ctx.grads = None
+        return (dh, dw, db) + (None,) * 13
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | float | None = None,
+    sequence_scale: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    chunk_size: int | None = None,
+    config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
+) -> PolicyLossOutput:
+    """``policy_loss`` on ``logits = softcap(logit_scale * (hidden @ weight^T + bias)) / temperature`` without
+    materialising them: ``hidden[B, T, D]`` (position ``t`` predicts ``completion_ids[b, t]``), ``weight[V, D]``.
+    ``chunk_size`` (tokens per chunk) defaults to what fits in a fraction of the free memory."""
+    check_tensor("hidden", hidden, ndim=3, floating=True)
+    check_tensor("weight", weight, ndim=2, floating=True)
+    require(weight.shape[1] == hidden.shape[-1], f"`weight` must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, floating=True)
+        require(
+            bias.shape[0] == weight.shape[0], f"`bias` must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
+        )
+    require(
+        tuple(completion_ids.shape) == tuple(hidden.shape[:2]),
+        f"`completion_ids` must have shape {tuple(hidden.shape[:2])}, got {tuple(completion_ids.shape)}",
+    )
+    require(
+        not completion_ids.is_floating_point(),
+        f"`completion_ids` must be an integer tensor, got {completion_ids.dtype}",
+    )
+    require(float(logit_scale) > 0, f"`logit_scale` must be > 0, got {logit_scale}")
+    require(
+        final_logit_softcapping is None or final_logit_softcapping > 0,
+        f"`final_logit_softcapping` must be None or > 0, got {final_logit_softcapping}",
+    )
+    require(chunk_size is None or int(chunk_size) >= 1, f"`chunk_size` must be a positive int, got {chunk_size}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, completion_ids=completion_ids)
+    check_loss_inputs(
+        completion_ids.shape, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
+        sequence_scale, config.beta,
+    )  # fmt: skip
+    check_ids(completion_ids, weight.shape[0])
+    kwargs = dict(
+        old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
+        num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
+    )  # fmt: skip
+    if not use_triton(hidden):
+        logits = linear_logits(hidden, weight, bias, logit_scale, final_logit_softcapping)
+        return policy_loss_reference(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
+    loss, logps, entropy, seq, out = FusedLinearPolicyLossFunction.apply(
+        hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
+        importance_sampling_ratio, sequence_scale, num_items_in_batch, config, float(logit_scale),
+        None if final_logit_softcapping is None else float(final_logit_softcapping), chunk_size,
+        torch.is_grad_enabled(),
+    )  # fmt: skip
+    metrics = metrics_from_out(out, config)
+    return PolicyLossOutput(loss=loss, per_token_logps=logps, entropy=entropy, metrics=metrics, sequence_loss=seq)
+
+
+def linear_logits(hidden, weight, bias=None, logit_scale: float = 1.0, softcap: float | None = None):
+    """The materialised logits (before temperature) that ``fused_linear_policy_loss`` never builds, as the
+    transformers heads compute them: ``softcap * tanh(logit_scale * (h W^T + b) / softcap)``."""
+    z = torch.nn.functional.linear(hidden, weight, bias) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z
