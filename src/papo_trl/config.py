@@ -9,7 +9,18 @@ from trl import GRPOConfig
 
 ADVANTAGE_ESTIMATORS = ("papo", "papo_fullnorm", "grpo", "dr_grpo", "gdpo", "daro")
 PROCESS_ESTIMATORS = ("papo", "papo_fullnorm")
-DARO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+KERNEL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+
+
+def unsupported_loss_options(args) -> list[str]:
+    """The options of `args` that the ``papo_kernels`` policy loss does not implement (TRL's loss does)."""
+    checks = {
+        "loss_type": args.loss_type not in KERNEL_LOSS_TYPES,
+        "top_entropy_quantile": args.top_entropy_quantile < 1.0,
+        "off_policy_mask_threshold": args.off_policy_mask_threshold is not None,
+        "use_adaptive_entropy": args.use_adaptive_entropy,
+    }
+    return [name for name, unsupported in checks.items() if unsupported]
 
 
 def _finite(value) -> bool:
@@ -184,17 +195,10 @@ class PAPOConfig(GRPOConfig):
             self.scale_rewards = "none"
         if estimator == "gdpo":
             self.multi_objective_aggregation = "normalize_then_sum"
-        if estimator == "daro":
-            if self.loss_type not in DARO_LOSS_TYPES:
-                raise ValueError(
-                    f"`advantage_estimator='daro'` needs `loss_type` in {', '.join(DARO_LOSS_TYPES)}, "
-                    f"got {self.loss_type!r}"
-                )
-            unsupported = {
-                "top_entropy_quantile": self.top_entropy_quantile < 1.0,
-                "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
-                "use_adaptive_entropy": self.use_adaptive_entropy,
-            }
-            for name, bad in unsupported.items():
-                if bad:
-                    raise ValueError(f"`advantage_estimator='daro'` does not support `{name}`; leave it at its default")
+        unsupported = unsupported_loss_options(self) if estimator == "daro" else []
+        if unsupported:
+            name = unsupported[0]
+            raise ValueError(
+                f"`advantage_estimator='daro'` computes its loss with papo_kernels, which does not support "
+                f"`{name}={getattr(self, name)!r}` (loss types: {', '.join(KERNEL_LOSS_TYPES)})"
+            )

@@ -30,7 +30,7 @@ from trl.trainer.utils import (
 from papo_kernels import dynamic_sampling_mask
 from papo_kernels.loss import PolicyLossConfig, loss_from_logps
 
-from .config import PROCESS_ESTIMATORS, PAPOConfig
+from .config import PROCESS_ESTIMATORS, PAPOConfig, unsupported_loss_options
 from .daro import DAROController
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
 from .estimators import compute_advantages, correctness, fill_unscorable, weighted_nansum
@@ -128,7 +128,7 @@ class PAPOTrainer(GRPOTrainer):
                 num_processes=self.accelerator.num_processes,
                 collate=self.data_collator,
             )
-        self._loss_config = PolicyLossConfig.from_trainer_args(args) if self._daro is not None else None
+        self._loss_config = None if unsupported_loss_options(args) else PolicyLossConfig.from_trainer_args(args)
         self._round_rewards = None
 
     def _check_trainer_args(self) -> None:
@@ -280,32 +280,43 @@ class PAPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
-        """TRL's own loss unless DARO reweights it (training batches); see :meth:`_policy_loss`."""
+        """TRL's own loss, unless DARO reweights it (training batches): then :meth:`_compute_policy_loss`."""
         if "daro_bucket" not in inputs:
             return super()._compute_loss(model, inputs)
+        return self._compute_policy_loss(model, inputs)
+
+    def _compute_policy_loss(self, model, inputs):
+        """The micro-batch loss through ``papo_kernels.loss`` with TRL's normalisation: DARO's per-bucket weights
+        when the batch carries them, else the ``loss_type`` aggregation with TRL's effective ``dapo`` normaliser;
+        scaled for gradient accumulation, plus the MoE aux loss; TRL's metrics; DARO's weight update at the end of
+        each optimiser step."""
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         # TRL's dapo normaliser is tokens / num_processes * accumulation / steps_per_generation; the accumulation
         # factor is applied to the whole loss (entropy bonus included) below
         factor = self.accelerator.num_processes * (self.args.steps_per_generation if mode == "train" else 1)
         mask = inputs["completion_mask"] * inputs.get("tool_mask", 1)
-        scale = self._daro.sequence_scale(inputs["daro_bucket"], inputs["daro_bucket_tokens"], factor)
-        output, aux_loss = self._policy_loss(model, inputs, mask, scale)
+        scale = None
+        if "daro_bucket" in inputs:
+            scale = self._daro.sequence_scale(inputs["daro_bucket"], inputs["daro_bucket_tokens"], factor)
+        num_items = inputs["num_items_in_batch"].clamp(min=1.0) / factor
+        output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items)
         loss = output.loss / accumulation
         if aux_loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(output, mask, mode)
-        if mode == "train":
+        if scale is not None and mode == "train":
             self._daro.accumulate(output.sequence_loss, mask.sum(dim=1), inputs["daro_bucket"])
             if self.accelerator.sync_gradients:
                 for key, value in self._daro.step(self.accelerator).items():
                     self._metrics[mode][key].append(value)
         return loss
 
-    def _policy_loss(self, model, inputs, mask, sequence_scale):
+    def _policy_loss(self, model, inputs, mask, sequence_scale, num_items_in_batch):
         """The policy loss of a micro-batch as a ``PolicyLossOutput`` (and the MoE aux loss): TRL's per-token
-        log-probs (its chunked LM head) and ``papo_kernels.loss.loss_from_logps`` with ``sequence_scale``."""
+        log-probs (its chunked LM head) and ``papo_kernels.loss.loss_from_logps``. This is the one place where the
+        fused linear-head loss (computed inside the model's forward) replaces the log-prob pass."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         logps, entropy, aux_loss = self._get_per_token_logps_and_entropies(
             model,
@@ -325,6 +336,7 @@ class PAPOTrainer(GRPOTrainer):
             old_logps=inputs.get("old_per_token_logps"),
             ref_logps=inputs.get("ref_per_token_logps"),
             importance_sampling_ratio=inputs.get("importance_sampling_ratio") if use_is else None,
+            num_items_in_batch=num_items_in_batch,
             sequence_scale=sequence_scale,
             config=self._loss_config,
         )

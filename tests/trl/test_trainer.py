@@ -132,6 +132,36 @@ def test_daro_with_one_bucket_and_unit_weight_is_trl_dapo(tmp_path):
         assert g["daro/weight_k1"] == pytest.approx(1.0) and math.isnan(g.get("daro/loss_k2") or math.nan)
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
+def test_kernel_loss_path_matches_trl_loss(tmp_path, loss_type):
+    """The papo_kernels loss path (used by DARO and the fused loss) reproduces TRL's micro-batch loss and gradient,
+    normalisation for data parallelism, accumulation and steps_per_generation included, off-policy."""
+    trainer = make_trainer(
+        tmp_path, process=(), advantage_estimator="grpo", loss_type=loss_type, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, num_iterations=2, entropy_coef=0.01, epsilon_high=0.28,
+    )  # fmt: skip
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert inputs["old_per_token_logps"] is not None
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    with torch.no_grad():  # move the policy away from the sampling one: ratios != 1, some clipped
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    reference = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    expected = torch.autograd.grad(reference, params)
+    loss = trainer._compute_policy_loss(trainer.model, inputs)
+    grads = torch.autograd.grad(loss, params)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-8)
+    for g, e in zip(grads, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    metrics = trainer._metrics["train"]
+    if loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        assert metrics["clip_ratio/region_mean"][-1] == pytest.approx(metrics["clip_ratio/region_mean"][0], abs=1e-6)
+        assert metrics["clip_ratio/region_mean"][0] > 0
+    assert metrics["entropy"][-1] == pytest.approx(metrics["entropy"][0], rel=1e-5)
+
+
 def test_peft_lora(tmp_path):
     from peft import LoraConfig
 
