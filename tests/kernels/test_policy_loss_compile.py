@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from papo_kernels import PolicyLossConfig, policy_loss
+from papo_kernels import PolicyLossConfig, fused_linear_policy_loss, policy_loss
 from papo_kernels.loss.rows import _backward_rows, _forward_rows
 from papo_kernels.loss.terms import _finalize_kernel, _sequence_kernel
 from tests.kernels import _aot_compile
@@ -50,6 +50,15 @@ def _run_cases():
                 kw |= {"old_logps": torch.randn(B, T, generator=g), "importance_sampling_ratio": torch.rand(B, 1)}
             out = policy_loss(x, ids, torch.ones(B, T, dtype=torch.bool), torch.randn(B, generator=g), config=cfg, **kw)
             out.loss.backward()
+    # the fused linear head: compacted rows, softcapping, bf16 chunks
+    h = torch.randn(2, 4, 16, dtype=torch.bfloat16, generator=g).requires_grad_()
+    w = torch.randn(4096 + 64, 16, dtype=torch.bfloat16, generator=g).requires_grad_()
+    for cfg in CONFIGS[:2]:
+        ids = torch.randint(0, w.shape[0], (2, 4), generator=g)
+        kw = {"ref_logps": torch.randn(2, 4, generator=g)} if cfg.beta else {}
+        out = fused_linear_policy_loss(h, w, ids, torch.ones(2, 4), torch.randn(2, generator=g), config=cfg,
+                                       final_logit_softcapping=30.0, chunk_size=3, **kw)  # fmt: skip
+        out.loss.backward()
 
 
 def test_kernels_compile_for_sm90(tmp_path):
@@ -74,6 +83,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert {r["kernel"] for r in rows} == {k.split(":")[1] for k in KERNELS}
     for r in rows:
         assert r["local_bytes"] == 0, r  # no spills
+    assert any(r["constexprs"].get("HAS_ROWS") and r["constexprs"].get("HAS_SOFTCAP") for r in rows)
     wide = [r for r in rows if r["kernel"].endswith("_rows") and r["constexprs"]["ALIGNED"]]
     assert wide and all(r["vector_loads"] > 0 for r in wide), wide
     assert all(r["vector_stores"] > 0 for r in wide if r["kernel"] == "_backward_rows"), wide

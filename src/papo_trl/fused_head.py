@@ -1,0 +1,138 @@
+"""The policy loss computed inside a causal LM's forward, from its last hidden states and LM head.
+
+``add_fused_policy_loss_head(model)`` patches ``model.forward`` the way TRL 1.16's ``add_fused_lm_head`` does:
+``model(input_ids, attention_mask, ..., policy_loss_inputs=PolicyLossInputs(...))`` runs the backbone, takes the
+hidden states that predict the completion tokens and hands them with the LM head to
+``papo_kernels.fused_linear_policy_loss`` (no ``[B, T, V]`` logits, gradients computed in the forward). Without
+``policy_loss_inputs`` the forward is the previous one (generation, TRL's own fused head), so it composes with
+TRL's patch. Running inside the forward is what makes the head's weight usable under FSDP2 (a DTensor, gathered
+with ``full_tensor()``, whose backward reduce-scatters the gradient) and DeepSpeed ZeRO-3 (gathered with TRL's
+``maybe_gather_lm_head_ctx``; the gradients are computed while it is gathered). Tied embeddings need nothing
+special; with PEFT, patch the base model before wrapping it, as TRL does (a frozen head gets no weight gradient).
+The head's logit scale and final-logit softcapping are read from the model config with TRL's rules.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+
+import torch
+import transformers
+from packaging.version import Version
+from torch.distributed.tensor import DTensor
+from transformers.utils import ModelOutput
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from papo_kernels import PolicyLossConfig, fused_linear_policy_loss
+
+
+@dataclass
+class PolicyLossInputs:
+    """Everything ``fused_linear_policy_loss`` takes besides the hidden states and the head (``[B, T]`` tensors
+    for the ``T`` completion tokens at the end of ``input_ids``)."""
+
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    advantages: torch.Tensor
+    config: PolicyLossConfig
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    importance_sampling_ratio: torch.Tensor | None = None
+    num_items_in_batch: torch.Tensor | float | None = None
+    sequence_scale: torch.Tensor | None = None
+
+    def loss_kwargs(self) -> dict:
+        skip = ("completion_ids", "completion_mask", "advantages")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+@dataclass
+class FusedPolicyLossOutput(ModelOutput):
+    """``PolicyLossOutput`` as a model output, plus the MoE load-balancing loss (not added to ``loss``)."""
+
+    loss: torch.Tensor | None = None
+    per_token_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    sequence_loss: torch.Tensor | None = None
+    metrics: dict | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def head_transform(text_config) -> tuple[float, float | None]:
+    """``(logit_scale, final_logit_softcapping)`` of a model's LM head, by TRL 1.16's ``add_fused_lm_head`` rules
+    (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``, ``logits_scaling``)."""
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else float(scale)), softcap
+
+
+def _router_aux_loss(self, text_config, backbone_outputs, attention_mask):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or getattr(self, "num_experts", None)
+    top_k = getattr(text_config, "num_experts_per_tok", None) or getattr(self, "num_experts_per_tok", None)
+    return load_balancing_loss_func(backbone_outputs.router_logits, num_experts, top_k, attention_mask)
+
+
+def add_fused_policy_loss_head(
+    model: transformers.PreTrainedModel, *, chunk_size: int | None = None, cast_lm_head_to_fp32: bool = False
+) -> None:
+    """Patch ``model.forward`` so that ``model(..., policy_loss_inputs=PolicyLossInputs(...))`` returns a
+    ``FusedPolicyLossOutput`` computed by the fused linear policy loss (see the module docstring).
+
+    Args:
+        model: the causal LM (the base model under PEFT).
+        chunk_size: tokens per logits chunk (default: from the free memory and the vocabulary).
+        cast_lm_head_to_fp32: project in fp32 outside autocast (TRL's ``cast_lm_head_to_fp32``).
+    """
+    previous_forward = model.forward
+    text_config = model.config.get_text_config()
+    logit_scale, softcap = head_transform(text_config)
+    backbone_attr = "base_model"
+    if text_config is not model.config and Version(transformers.__version__) < Version("5.0.0"):
+        backbone_attr = "model"
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, policy_loss_inputs: PolicyLossInputs | None = None, **kwargs):
+        if policy_loss_inputs is None:
+            return previous_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        if getattr(text_config, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
+        inp = policy_loss_inputs
+        T = inp.completion_ids.shape[1]
+        lm_head = self.get_output_embeddings()
+        hidden = backbone_outputs.last_hidden_state[:, -T - 1 : -1].to(lm_head.weight.device)
+        weight, bias = lm_head.weight, lm_head.bias
+        if isinstance(weight, DTensor):  # FSDP2: gather the head (differentiably) before the token chunks
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if bias is not None else None
+        autocast = nullcontext()
+        if cast_lm_head_to_fp32:
+            hidden = hidden.float()
+            autocast = torch.autocast(hidden.device.type, enabled=False)
+        with maybe_gather_lm_head_ctx(weight, bias), autocast:
+            out = fused_linear_policy_loss(
+                hidden, weight, inp.completion_ids, inp.completion_mask, inp.advantages, bias=bias,
+                logit_scale=logit_scale, final_logit_softcapping=softcap, chunk_size=chunk_size, **inp.loss_kwargs(),
+            )  # fmt: skip
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _router_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
+        return FusedPolicyLossOutput(
+            loss=out.loss, per_token_logps=out.per_token_logps, entropy=out.entropy,
+            sequence_loss=out.sequence_loss, metrics=out.metrics, aux_loss=aux_loss,
+        )  # fmt: skip
+
+    model.forward = types.MethodType(forward, model)
