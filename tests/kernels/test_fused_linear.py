@@ -138,6 +138,20 @@ def test_masked_tokens_are_never_projected_and_get_zero_gradient():
     assert out.loss.item() == 0.0 and torch.count_nonzero(gh) == 0 and torch.count_nonzero(gw) == 0
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_dense_batch_and_single_chunk(level):
+    """No masked token (chunks are plain slices), one chunk (sequence level keeps its logits) or several."""
+    cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level=level, beta=0.02, entropy_coef=0.05)
+    params, case = make_head(10, B, T, D, V, cfg, bias=True)
+    case["completion_mask"].fill_(1)
+    ref, ref_grads = run_reference(params, case, cfg)
+    for chunk in (None, 5):
+        for p in params:
+            p.grad = None
+        out, grads = run_fused(params, case, cfg, chunk_size=chunk)
+        assert_close(out, grads, ref, ref_grads, rtol=1e-9, atol=1e-11)
+
+
 def test_long_sequence_many_chunks():
     cfg = PolicyLossConfig(loss_type="luspo", importance_sampling_level="sequence", beta=0.02)
     params, case = make_head(7, 1, 700, 8, 24, cfg, dtype=torch.float32)
@@ -176,10 +190,12 @@ def test_input_validation():
 
 def test_default_chunk_size():
     cpu = torch.device("cpu")
-    assert fl.default_chunk_size(100, 151936, torch.bfloat16, cpu) == 100
-    n = fl.default_chunk_size(65536, 151936, torch.bfloat16, cpu)
-    assert 256 <= n <= 16384 and n & (n - 1) == 0 and n * 151936 * 2 <= fl.MAX_CHUNK_BYTES
-    assert fl.default_chunk_size(65536, 1024, torch.float32, cpu) == 16384
+    assert fl.default_chunk_size(100, 151936, 896, torch.bfloat16, cpu) == 100
+    for D in (896, 3584, 8192):
+        n = fl.default_chunk_size(65536, 152064, D, torch.bfloat16, cpu)
+        assert 128 <= n <= 16384 and n % 128 == 0
+        assert n * 152064 * 2 <= max(min(152064 * D, fl.MAX_CHUNK_BYTES), fl.MIN_CHUNK_BYTES)
+    assert fl.default_chunk_size(65536, 1024, 64, torch.float32, cpu) == 16384
 
 
 def test_exported():

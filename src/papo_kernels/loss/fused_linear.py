@@ -19,22 +19,22 @@ from .._runtime import check_same_device, check_tensor, require, use_triton
 from .config import PolicyLossConfig, PolicyLossOutput
 from .inputs import check_ids, check_loss_inputs
 from .naive import policy_loss_reference
-from .plan import backward_rows, finalize, forward_rows, make_plan, metrics_from_out, sequence_and_finalize
+from .plan import Plan, backward_rows, finalize, forward_rows, make_plan, metrics_from_out, sequence_and_finalize
 from .terms import C_TOKENS
 
 _OUT_DTYPE_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
-MAX_CHUNK_BYTES = 1 << 30  # logits chunk budget (bytes); also at most 1/8 of the free device memory
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 256 << 20, 1 << 30
 
 
-def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Tokens per chunk: the largest power of two whose ``[chunk, V]`` logits fit the budget (256 to 16384)."""
-    budget = MAX_CHUNK_BYTES
+def default_chunk_size(n_tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per chunk, a multiple of 128 (128 to 16384): the ``[chunk, V]`` logits take a quarter of the fp32
+    ``grad_W`` accumulator's size, clamped to 256 MiB - 1 GiB and to 1/8 of the free device memory, so the chunk
+    never sets the peak (the backward's casts of the accumulated gradients do)."""
+    budget = min(max(vocab * hidden, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 8)
-    rows = max(budget // (vocab * torch.empty((), dtype=dtype).element_size()), 1)
-    chunk = min(max(1 << (int(rows).bit_length() - 1), 256), 16384)
-    return min(chunk, max(n_tokens, 1))
+        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
+    rows = budget // (vocab * torch.empty((), dtype=dtype).element_size())
+    return min(max(rows // 128 * 128, 128), 16384, max(n_tokens, 1))
 
 
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -45,6 +45,57 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def _chunked(plan: Plan, flat_h, weight, bias, rows, n_valid: int, chunk: int, cd, needs) -> tuple:
+    """All chunks: log-probs and loss terms, then ``dL/dlogits`` in place and the gradient GEMMs (unit upstream
+    gradient). ``rows`` lists the unmasked flat tokens (None when every token counts). Returns fp32 grads."""
+    device, acc = flat_h.device, plan.acc
+    V, D = weight.shape
+    need_h, need_w, need_b = needs
+    w = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    grad_h = torch.zeros(n_valid, D, dtype=acc, device=device) if need_h else None
+    grad_w = torch.zeros(V, D, dtype=acc, device=device) if need_w else None
+    grad_b = torch.zeros(V, dtype=acc, device=device) if need_b else None
+    buf = torch.empty(min(chunk, max(n_valid, 1)), V, dtype=cd, device=device)
+    one = torch.ones(1, dtype=acc, device=device)
+    spans = [(c0, min(c0 + chunk, n_valid)) for c0 in range(0, n_valid, chunk)]
+
+    def project(c0: int, c1: int):
+        h = (flat_h[c0:c1] if rows is None else flat_h.index_select(0, rows[c0:c1])).to(cd)
+        logits = buf[: c1 - c0]
+        torch.mm(h, w.t(), out=logits)
+        if b is not None:
+            logits.add_(b)
+        forward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, rows=rows)
+        return h, logits
+
+    def gradients(c0: int, c1: int, h, logits) -> None:
+        if not (need_h or need_w or need_b):
+            return
+        backward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, logits, 0, V, one, rows=rows)
+        if grad_h is not None:
+            _addmm_fp32(grad_h[c0:c1], logits, w)
+        if grad_w is not None:
+            _addmm_fp32(grad_w, logits.t(), h)
+        if grad_b is not None:
+            grad_b.add_(logits.sum(0, dtype=acc))
+
+    if plan.seq_level:  # every log-prob first, then the coefficients, then the chunks again (one chunk: kept)
+        last = None
+        for span in spans:
+            last = project(*span)
+        sequence_and_finalize(plan)
+        for span in spans:
+            gradients(*span, *(last if len(spans) == 1 else project(*span)))
+    else:  # weights depend on the mask only: each chunk's gradients right after its log-probs
+        plan.part[:, C_TOKENS.value] = plan.mask.to(acc).sum(-1)
+        finalize(plan)
+        for span in spans:
+            gradients(*span, *project(*span))
+        sequence_and_finalize(plan)
+    return grad_h, grad_w, grad_b
+
+
 class FusedLinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
@@ -52,68 +103,24 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
                 chunk_size, grad_enabled):  # fmt: skip
         device = hidden.device
         cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
-        acc = torch.float64 if cd == torch.float64 else torch.float32
         B, T = completion_ids.shape
         D, V = hidden.shape[-1], weight.shape[0]
         plan = make_plan(
             completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-            sequence_scale, num_items_in_batch, config, acc, device, logit_scale, softcap, zeroed=True,
+            sequence_scale, num_items_in_batch, config, torch.float64 if cd == torch.float64 else torch.float32,
+            device, logit_scale, softcap, zeroed=True,
         )  # fmt: skip
         rows = (plan.mask.reshape(-1) != 0).nonzero().squeeze(1)
         n_valid = rows.numel()
-        chunk = chunk_size or default_chunk_size(n_valid, V, cd, device)
-        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
-        need_b = need_b and bias is not None
-        flat_h = hidden.reshape(B * T, D)
-        w = weight.to(cd)
-        b = None if bias is None else bias.to(cd)
-        grad_h = torch.zeros(n_valid, D, dtype=acc, device=device) if need_h else None
-        grad_w = torch.zeros(V, D, dtype=acc, device=device) if need_w else None
-        grad_b = torch.zeros(V, dtype=acc, device=device) if need_b else None
-        buf = torch.empty(min(chunk, max(n_valid, 1)), V, dtype=cd, device=device)
-        one = torch.ones(1, dtype=acc, device=device)
-
-        def project(c0: int, c1: int):
-            h = flat_h.index_select(0, rows[c0:c1]).to(cd)
-            logits = buf[: c1 - c0]
-            torch.mm(h, w.t(), out=logits)
-            if b is not None:
-                logits.add_(b)
-            return h, logits
-
-        def gradients(c0: int, c1: int, h, logits) -> None:
-            if not (need_h or need_w or need_b):
-                return
-            backward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, logits, 0, V, one, rows=rows)
-            if grad_h is not None:
-                _addmm_fp32(grad_h[c0:c1], logits, w)
-            if grad_w is not None:
-                _addmm_fp32(grad_w, logits.t(), h)
-            if grad_b is not None:
-                grad_b.add_(logits.sum(0, dtype=acc))
-
+        if n_valid == B * T:
+            rows = None  # every token counts: chunks are plain slices
+        chunk = chunk_size or default_chunk_size(n_valid, V, D, cd, device)
+        needs = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
+        needs = (needs[0], needs[1], needs[2] and bias is not None)
         with torch.autocast(device.type, enabled=False):
-            if plan.seq_level:  # phase 1: log-probs of every token; phase 2: coefficients; phase 3: gradients
-                for c0 in range(0, n_valid, chunk):
-                    c1 = min(c0 + chunk, n_valid)
-                    _, logits = project(c0, c1)
-                    forward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, rows=rows)
-                sequence_and_finalize(plan)
-                for c0 in range(0, n_valid, chunk):
-                    c1 = min(c0 + chunk, n_valid)
-                    gradients(c0, c1, *project(c0, c1))
-            else:  # token level: weights from the mask first, then each chunk's gradients right after its log-probs
-                plan.part[:, C_TOKENS.value] = plan.mask.to(acc).sum(-1)
-                finalize(plan)
-                for c0 in range(0, n_valid, chunk):
-                    c1 = min(c0 + chunk, n_valid)
-                    h, logits = project(c0, c1)
-                    forward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, rows=rows)
-                    gradients(c0, c1, h, logits)
-                sequence_and_finalize(plan)
-
-        ctx.save_for_backward(rows)
-        ctx.grads = grad_h, grad_w, grad_b
+            grads = _chunked(plan, hidden.reshape(B * T, D), weight, bias, rows, n_valid, chunk, cd, needs)
+        ctx.rows = rows
+        ctx.grads = grads
         ctx.shapes = hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype
         logps, entropy, seq = plan.logp.view(B, T), plan.ent.view(B, T), plan.sequence_loss()
         ctx.mark_non_differentiable(logps, entropy, seq, plan.out)
@@ -121,20 +128,22 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        (rows,) = ctx.saved_tensors
         grad_h, grad_w, grad_b = ctx.grads
         h_shape, h_dtype, w_dtype, b_dtype = ctx.shapes
         go = grad_loss.reshape(())
         dh = dw = db = None
         if grad_h is not None:
-            dh = torch.zeros(h_shape[:-1].numel(), h_shape[-1], dtype=h_dtype, device=grad_h.device)
-            dh.index_copy_(0, rows, grad_h.mul_(go).to(h_dtype))
-            dh = dh.view(h_shape)
+            scaled = grad_h.mul_(go).to(h_dtype)
+            if ctx.rows is None:
+                dh = scaled.view(h_shape)
+            else:
+                dh = scaled.new_zeros(h_shape[:-1].numel(), h_shape[-1]).index_copy_(0, ctx.rows, scaled)
+                dh = dh.view(h_shape)
         if grad_w is not None:
             dw = grad_w.mul_(go).to(w_dtype)
         if grad_b is not None:
             db = grad_b.mul_(go).to(b_dtype)
-        ctx.grads = None
+        ctx.grads = ctx.rows = None
         return (dh, dw, db) + (None,) * 13
 
 
