@@ -77,8 +77,11 @@ class PAPOConfig(GRPOConfig):
         > Parameters that control the loss
 
         use_fused_loss (`bool`, *optional*, defaults to `True`):
-            Compute the policy loss with the fused linear-head kernel of `papo_kernels` (gradients computed in the
-            forward, no logits materialised) where it is available; otherwise, and when `False`, TRL's own loss.
+            Compute the policy loss inside the model's forward with the fused linear-head kernel of `papo_kernels`
+            (no logits materialised, gradients computed in the forward) where its kernels run (CUDA, or CPU with
+            `TRITON_INTERPRET=1`) and the options allow it (`loss_type` other than `"vespo"`, no
+            `top_entropy_quantile`, `off_policy_mask_threshold` or `use_adaptive_entropy`; text batches). Otherwise,
+            and when `False`, TRL's own loss.
 
         > Parameters that control DAPO dynamic sampling
 

@@ -3,7 +3,8 @@
 Hook points in TRL 1.16: ``_calculate_rewards`` (score the process rewards of the correct responses and keep the
 gathered rewards), ``_generate_and_score_completions`` (dynamic-sampling rounds, then replace ``advantages`` by
 the estimator's, computed on the gathered rewards and sliced to this process exactly as TRL slices) and
-``_compute_loss`` (DARO's per-bucket weighting; TRL's own loss whenever nothing is customised).
+``_compute_loss`` (the fused linear-head loss inside the model's forward, DARO's per-bucket weighting; TRL's own
+loss whenever neither applies).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import textwrap
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import gather
+from accelerate.utils import gather, is_peft_model
 from datasets import IterableDataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
@@ -28,12 +29,14 @@ from trl.trainer.utils import (
 )
 
 from papo_kernels import dynamic_sampling_mask
-from papo_kernels.loss import PolicyLossConfig, loss_from_logps
+from papo_kernels._runtime import use_triton
+from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logps
 
 from .config import PROCESS_ESTIMATORS, PAPOConfig, unsupported_loss_options
 from .daro import DAROController
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
 from .estimators import compute_advantages, correctness, fill_unscorable, weighted_nansum
+from .fused_head import PolicyLossInputs, add_fused_policy_loss_head
 from .process_rewards import check_process_reward_funcs, score_process_rewards
 from .sampling import PromptStream, check_row_keys, concat_rows, gather_rows, group_rows, select_groups
 
@@ -129,6 +132,12 @@ class PAPOTrainer(GRPOTrainer):
                 collate=self.data_collator,
             )
         self._loss_config = None if unsupported_loss_options(args) else PolicyLossConfig.from_trainer_args(args)
+        # the fused linear-head loss where its kernels run (CUDA, or CPU under TRITON_INTERPRET) and the options allow
+        probe = torch.empty(0, device=self.accelerator.device)
+        self._fused_loss = bool(args.use_fused_loss and self._loss_config is not None and use_triton(probe))
+        if self._fused_loss:
+            base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+            add_fused_policy_loss_head(base, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
         self._round_rewards = None
 
     def _check_trainer_args(self) -> None:
@@ -280,8 +289,8 @@ class PAPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
-        """TRL's own loss, unless DARO reweights it (training batches): then :meth:`_compute_policy_loss`."""
-        if "daro_bucket" not in inputs:
+        """TRL's own loss, unless the fused loss computes it or DARO reweights it: :meth:`_compute_policy_loss`."""
+        if not self._fused_loss and "daro_bucket" not in inputs:
             return super()._compute_loss(model, inputs)
         return self._compute_policy_loss(model, inputs)
 
@@ -302,7 +311,7 @@ class PAPOTrainer(GRPOTrainer):
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / factor
         output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items)
         loss = output.loss / accumulation
-        if aux_loss is not None:
+        if aux_loss is not None and self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
         self._log_loss_metrics(output, mask, mode)
@@ -314,32 +323,32 @@ class PAPOTrainer(GRPOTrainer):
         return loss
 
     def _policy_loss(self, model, inputs, mask, sequence_scale, num_items_in_batch):
-        """The policy loss of a micro-batch as a ``PolicyLossOutput`` (and the MoE aux loss): TRL's per-token
-        log-probs (its chunked LM head) and ``papo_kernels.loss.loss_from_logps``. This is the one place where the
-        fused linear-head loss (computed inside the model's forward) replaces the log-prob pass."""
+        """The policy loss of a micro-batch as a ``PolicyLossOutput`` (and the MoE aux loss): the fused linear-head
+        loss inside the model's forward (no logits materialised, gradients computed in the forward) when enabled,
+        else TRL's per-token log-probs (its chunked LM head) and ``papo_kernels.loss.loss_from_logps``."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        logps, entropy, aux_loss = self._get_per_token_logps_and_entropies(
-            model,
-            torch.cat([prompt_ids, completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
-            completion_ids.size(1),
-            compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled,
-            **{key: inputs.get(key) for key in MULTIMODAL_KEYS},
-        )
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         use_is = self.use_vllm and self.vllm_importance_sampling_correction
-        output = loss_from_logps(
-            logps,
-            entropy,
-            mask,
-            inputs["advantages"],
+        loss_kwargs = dict(
             old_logps=inputs.get("old_per_token_logps"),
             ref_logps=inputs.get("ref_per_token_logps"),
             importance_sampling_ratio=inputs.get("importance_sampling_ratio") if use_is else None,
             num_items_in_batch=num_items_in_batch,
             sequence_scale=sequence_scale,
-            config=self._loss_config,
         )
+        multimodal = {key: inputs.get(key) for key in MULTIMODAL_KEYS}
+        if self._fused_loss and all(value is None for value in multimodal.values()):
+            loss_inputs = PolicyLossInputs(completion_ids, mask, inputs["advantages"], self._loss_config, **loss_kwargs)
+            with self.accelerator.autocast():
+                out = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=loss_inputs)
+            output = PolicyLossOutput(out.loss, out.per_token_logps, out.entropy, out.metrics, out.sequence_loss)
+            return output, out.aux_loss
+        logps, entropy, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled, **multimodal,
+        )  # fmt: skip
+        output = loss_from_logps(logps, entropy, mask, inputs["advantages"], config=self._loss_config, **loss_kwargs)
         return output, aux_loss
 
     def _log_loss_metrics(self, output, mask, mode: str) -> None:

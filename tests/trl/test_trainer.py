@@ -132,14 +132,17 @@ def test_daro_with_one_bucket_and_unit_weight_is_trl_dapo(tmp_path):
         assert g["daro/weight_k1"] == pytest.approx(1.0) and math.isnan(g.get("daro/loss_k2") or math.nan)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
-def test_kernel_loss_path_matches_trl_loss(tmp_path, loss_type):
-    """The papo_kernels loss path (used by DARO and the fused loss) reproduces TRL's micro-batch loss and gradient,
-    normalisation for data parallelism, accumulation and steps_per_generation included, off-policy."""
+def test_kernel_loss_path_matches_trl_loss(tmp_path, loss_type, fused):
+    """The papo_kernels loss path (the fused linear-head loss, or TRL's log-probs and the eager loss) reproduces
+    TRL's micro-batch loss and gradient, normalisation for data parallelism, accumulation and steps_per_generation
+    included, off-policy."""
     trainer = make_trainer(
         tmp_path, process=(), advantage_estimator="grpo", loss_type=loss_type, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, num_iterations=2, entropy_coef=0.01, epsilon_high=0.28,
+        gradient_accumulation_steps=2, num_iterations=2, entropy_coef=0.01, epsilon_high=0.28, use_fused_loss=fused,
     )  # fmt: skip
+    assert trainer._fused_loss == fused
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 2
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
