@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -205,3 +206,23 @@ class PAPOConfig(GRPOConfig):
                 f"`advantage_estimator='daro'` computes its loss with papo_kernels, which does not support "
                 f"`{name}={getattr(self, name)!r}` (loss types: {', '.join(KERNEL_LOSS_TYPES)})"
             )
+
+
+def as_papo_config(args, model, has_process: bool) -> PAPOConfig:
+    """``None`` -> a default ``PAPOConfig`` (PAPO with process functions, else GRPO); a plain ``GRPOConfig`` ->
+    the same settings as a ``PAPOConfig`` with ``advantage_estimator="grpo"``."""
+    if isinstance(args, PAPOConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
+        estimator = "papo" if has_process else "grpo"
+        return PAPOConfig(f"{name.split('/')[-1]}-PAPO", advantage_estimator=estimator)
+    if not isinstance(args, GRPOConfig):
+        raise ValueError(f"`args` must be a PAPOConfig (or a GRPOConfig), got {type(args).__name__}")
+    config = PAPOConfig.__new__(PAPOConfig)
+    config.__dict__.update(args.__dict__)
+    for f in dataclasses.fields(PAPOConfig):
+        if f.name not in config.__dict__:
+            setattr(config, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    config.advantage_estimator = "grpo"
+    return config

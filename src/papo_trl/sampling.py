@@ -139,3 +139,28 @@ def select_groups(keep: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.
 def group_rows(groups: torch.Tensor, G: int) -> torch.Tensor:
     """Row indices of `groups` (group-contiguous)."""
     return (groups[:, None] * G + torch.arange(G, device=groups.device)).reshape(-1)
+
+
+def assemble_rounds(accelerator, rounds, target: int, G: int, pad_token_id: int):
+    """The first `target` kept groups of the generation rounds (topped up with dropped groups, masked out of the
+    loss), re-balanced so that each process holds an equal contiguous share, as TRL slices a batch.
+
+    `rounds` are ``(local output, gathered rewards_per_func, gathered process or None, keep[num_groups])``.
+    Returns ``(local output, rewards_per_func, process, valid, origin)`` where the last four are over the final
+    global rows and ``origin`` indexes each final row among the rows of all rounds.
+    """
+    merged = concat_rows([gather_rows(accelerator, r[0], pad_token_id) for r in rounds], pad_token_id)
+    groups, valid_groups = select_groups(torch.cat([r[3] for r in rounds]), target)
+    origin = group_rows(groups, G)
+    valid = valid_groups.repeat_interleave(G)
+    rewards_per_func = torch.cat([r[1] for r in rounds])[origin]
+    process = torch.cat([r[2] for r in rounds])[origin] if rounds[0][2] is not None else None
+    n = origin.numel() // accelerator.num_processes
+    local = slice(accelerator.process_index * n, (accelerator.process_index + 1) * n)
+    output = {key: value[origin[local]] for key, value in merged.items()}
+    for key in ("completion_mask", "tool_mask"):
+        if key in output:
+            output[key] = output[key] * valid[local, None].to(output[key].dtype)
+    loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
+    output["num_items_in_batch"] = accelerator.gather(loss_mask.sum()).sum()
+    return output, rewards_per_func, process, valid, origin

@@ -10,7 +10,6 @@ loss whenever neither applies).
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import textwrap
 
@@ -19,7 +18,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather, is_peft_model
 from datasets import IterableDataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 from trl.trainer.utils import (
     get_callable_name,
@@ -32,13 +31,13 @@ from papo_kernels import dynamic_sampling_mask
 from papo_kernels._runtime import use_triton
 from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logps
 
-from .config import PROCESS_ESTIMATORS, PAPOConfig, unsupported_loss_options
+from .config import PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
 from .daro import DAROController
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
 from .estimators import compute_advantages, correctness, fill_unscorable, weighted_nansum
 from .fused_head import PolicyLossInputs, add_fused_policy_loss_head
 from .process_rewards import check_process_reward_funcs, score_process_rewards
-from .sampling import PromptStream, check_row_keys, concat_rows, gather_rows, group_rows, select_groups
+from .sampling import PromptStream, assemble_rounds, check_row_keys
 
 logger = get_logger(__name__)
 
@@ -47,26 +46,6 @@ MULTIMODAL_KEYS = (
     "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
 )  # fmt: skip
-
-
-def as_papo_config(args, model, has_process: bool) -> PAPOConfig:
-    """``None`` -> a default ``PAPOConfig`` (PAPO with process functions, else GRPO); a plain ``GRPOConfig`` ->
-    the same settings as a ``PAPOConfig`` with ``advantage_estimator="grpo"``."""
-    if isinstance(args, PAPOConfig):
-        return args
-    if args is None:
-        name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-        estimator = "papo" if has_process else "grpo"
-        return PAPOConfig(f"{name.split('/')[-1]}-PAPO", advantage_estimator=estimator)
-    if not isinstance(args, GRPOConfig):
-        raise ValueError(f"`args` must be a PAPOConfig (or a GRPOConfig), got {type(args).__name__}")
-    config = PAPOConfig.__new__(PAPOConfig)
-    config.__dict__.update(args.__dict__)
-    for f in dataclasses.fields(PAPOConfig):
-        if f.name not in config.__dict__:
-            setattr(config, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-    config.advantage_estimator = "grpo"
-    return config
 
 
 class PAPOTrainer(GRPOTrainer):
@@ -212,32 +191,13 @@ class PAPOTrainer(GRPOTrainer):
                 break
             batch = self._prompt_stream.next_batch()
         if dynamic:
-            output, rewards_per_func, process, valid, origin = self._assemble_rounds(rounds, target, G)
+            output, rewards_per_func, process, valid, origin = assemble_rounds(
+                self.accelerator, rounds, target, G, self._tokenizer.pad_token_id
+            )
             self._log_dynamic_sampling(mode, len(rounds), kept, target)
             generated = sum(r[1].shape[0] for r in rounds)
             return self._set_advantages(output, rewards_per_func, process, G, mode, valid, origin, generated)
         return self._set_advantages(output, rewards_per_func, process, G, mode)
-
-    def _assemble_rounds(self, rounds, target: int, G: int):
-        """The kept groups of all rounds (topped up with masked dropped groups), re-balanced over processes."""
-        pad_id = self._tokenizer.pad_token_id
-        merged = concat_rows([gather_rows(self.accelerator, r[0], pad_id) for r in rounds], pad_id)
-        keep = torch.cat([r[3] for r in rounds])
-        groups, valid_groups = select_groups(keep, target)
-        origin = group_rows(groups, G)
-        valid = valid_groups.repeat_interleave(G)
-        rewards_per_func = torch.cat([r[1] for r in rounds])[origin]
-        process = torch.cat([r[2] for r in rounds])[origin] if rounds[0][2] is not None else None
-        n = origin.numel() // self.accelerator.num_processes
-        local_rows = origin[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
-        local_valid = valid[self.accelerator.process_index * n : (self.accelerator.process_index + 1) * n]
-        output = {key: value[local_rows] for key, value in merged.items()}
-        for key in ("completion_mask", "tool_mask"):
-            if key in output:
-                output[key] = output[key] * local_valid[:, None].to(output[key].dtype)
-        loss_mask = output["completion_mask"] * output.get("tool_mask", 1)
-        output["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
-        return output, rewards_per_func, process, valid, origin
 
     def _log_dynamic_sampling(self, mode: str, num_rounds: int, kept: int, target: int) -> None:
         metrics = self._metrics[mode]

@@ -5,7 +5,7 @@ from transformers import HfArgumentParser
 from trl import GRPOConfig
 
 from papo_trl import PAPOConfig
-from papo_trl.trainer import as_papo_config
+from papo_trl.config import as_papo_config
 from tests.trl.tiny import tiny_args
 
 
