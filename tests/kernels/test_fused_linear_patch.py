@@ -22,6 +22,7 @@ from papo_trl import fused_head
 from papo_trl.fused_head import PolicyLossInputs, add_fused_policy_loss_head, head_transform
 
 V, P, T, B = 32, 4, 5, 3
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = dict(vocab_size=V, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
              num_key_value_heads=1, head_dim=4, max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
              pad_token_id=0)  # fmt: skip
@@ -35,7 +36,7 @@ def tiny(kind="qwen2", tie=False, **extra):
         model = Gemma2ForCausalLM(Gemma2Config(**SMALL, final_logit_softcapping=2.5, attn_logit_softcapping=None))
     else:
         model = CohereForCausalLM(CohereConfig(**SMALL, logit_scale=0.5))
-    return model.double().train()
+    return model.double().to(DEVICE).train()
 
 
 def batch(cfg: PolicyLossConfig, seed=0, left_pad=True):
@@ -52,7 +53,10 @@ def batch(cfg: PolicyLossConfig, seed=0, left_pad=True):
         config=cfg, old_logps=-3 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
         ref_logps=-3 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64) if cfg.beta else None,
     )  # fmt: skip
-    return torch.cat([prompt, completion], 1), torch.cat([prompt_mask, mask], 1), inputs
+    for f in ("completion_ids", "completion_mask", "advantages", "old_logps", "ref_logps"):
+        if getattr(inputs, f) is not None:
+            setattr(inputs, f, getattr(inputs, f).to(DEVICE))
+    return torch.cat([prompt, completion], 1).to(DEVICE), torch.cat([prompt_mask, mask], 1).to(DEVICE), inputs
 
 
 def eager(model, input_ids, attention_mask, inputs):
@@ -90,7 +94,7 @@ def test_patched_model_matches_unpatched_model(tie, level):
     patched, out = compare(tiny(tie=tie), cfg, chunk_size=4)
     assert set(out.metrics) >= {"entropy", "kl", "policy_loss"}
     # without policy_loss_inputs the forward is the original one: generation is unchanged
-    x = torch.randint(3, V, (1, 4))
+    x = torch.randint(3, V, (1, 4), device=DEVICE)
     torch.testing.assert_close(patched(input_ids=x).logits, tiny(tie=tie)(input_ids=x).logits)
     assert patched.generate(x, max_new_tokens=2, do_sample=False).shape == (1, 6)
 
@@ -170,6 +174,7 @@ def test_zero3_gather_hook_wraps_the_head(monkeypatch):
     assert len(seen) == 1 and seen[0][0].shape == (V, SMALL["hidden_size"])
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="a one-rank gloo mesh over CPU tensors")
 def test_dtensor_head(tmp_path):
     """FSDP2 exposes the head as a DTensor: it is gathered with full_tensor() and its gradient flows back."""
     import torch.distributed as dist

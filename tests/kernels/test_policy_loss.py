@@ -65,9 +65,16 @@ def test_fp32_matches_fp64_reference(loss_type, level, device, monkeypatch):
 
 
 def test_bf16_is_closer_to_fp64_than_eager_bf16(device):
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-
+    """Eager bf16 as TRL's torch branches compute it (``selective_log_softmax`` / ``entropy_from_logits``)."""
     from papo_kernels.loss import loss_from_logps
+
+    def selective_log_softmax(x, ids):
+        rows = zip(x, ids, strict=True)
+        return torch.stack([torch.log_softmax(r, -1).gather(-1, i[:, None]).squeeze(-1) for r, i in rows])
+
+    def entropy_from_logits(x):
+        lp = torch.log_softmax(x, -1)
+        return -(lp.exp() * lp).sum(-1)
 
     cfg = PolicyLossConfig(loss_type="grpo", entropy_coef=0.01, beta=0.04)
     case = make_case(11, 4, 16, 500, cfg=cfg, device=device, scale=4.0)

@@ -56,7 +56,8 @@ def _run_cases():
     for cfg in CONFIGS[:2]:
         ids = torch.randint(0, w.shape[0], (2, 4), generator=g)
         kw = {"ref_logps": torch.randn(2, 4, generator=g)} if cfg.beta else {}
-        out = fused_linear_policy_loss(h, w, ids, torch.ones(2, 4), torch.randn(2, generator=g), config=cfg,
+        mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # padding: compacted rows
+        out = fused_linear_policy_loss(h, w, ids, mask, torch.randn(2, generator=g), config=cfg,
                                        final_logit_softcapping=30.0, chunk_size=3, **kw)  # fmt: skip
         out.loss.backward()
 
