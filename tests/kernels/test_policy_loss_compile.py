@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "tests.kernels._aot_compile", str(path)], capture_output=True, text=True, env=env,
-        timeout=600,
+        timeout=600, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     if "No module named 'triton.backends.nvidia'" in proc.stderr:
         pytest.skip("this Triton build has no CUDA backend")
