@@ -205,6 +205,24 @@ def test_async_process_reward_and_judge_counters(tmp_path):
     assert all(log["judge/latency_p50"] == pytest.approx(0.01) for log in logs)
 
 
+def test_rubric_judge_scores_correct_responses_and_logs_its_counters(tmp_path):
+    """The real RubricJudge over a local OpenAI-compatible server: one request per correct response, no failure,
+    its counters in the logs."""
+    from papo_trl.rewards import RubricJudge
+    from papo_trl.rewards.judge_server import LocalJudgeServer
+
+    with LocalJudgeServer(default_score=1.0) as server:
+        judge = RubricJudge(base_url=server.base_url, max_retries=0, request_timeout=30)
+        trainer = make_trainer(tmp_path, process=(judge,))
+        logs = train_logs(trainer)
+    N = trainer.args.generation_batch_size
+    correct = sum(round(log["papo/correct_frac"] * N) for log in logs)
+    assert sum(log["judge/completions"] for log in logs) == correct > 0
+    assert 0 < len(server.requests) <= correct  # identical requests are sent once
+    assert all(log["judge/failures"] == 0 and log["process_rewards/rubric_judge/mean"] == 1.0 for log in logs)
+    assert all(log["process_rewards/scored_frac_correct"] == 1.0 for log in logs)
+
+
 def _iterable():
     rows = list(tiny_dataset())
     return IterableDataset.from_generator(lambda: iter(rows))
