@@ -88,7 +88,8 @@ class PAPOConfig(GRPOConfig):
 
         dynamic_sampling (`bool`, *optional*, defaults to `False`):
             DAPO dynamic sampling: drop the groups whose outcome rewards are all equal and generate more prompts
-            until the generation batch is full of kept groups.
+            until the generation batch is full of kept groups (the extra prompts are a second seeded pass over
+            `train_dataset`). Under PAPO this also drops all-correct groups, whose only signal is `A_proc`.
         max_generation_batches (`int`, *optional*, defaults to `4`):
             At most this many generation rounds per generation batch under `dynamic_sampling`. When the cap is hit,
             the batch is trained on the groups kept so far (the rest of the batch is masked out of the loss) and a
