@@ -18,6 +18,7 @@ Reported per row: ``ms``, ``peak_mib`` (above the live inputs), ``ratio_to_fused
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import torch
 from bench_policy_loss import trl_eager_logps_entropy
@@ -72,7 +73,9 @@ def make_methods(h, w, ids, mask, adv, ref, with_eager: bool) -> dict:
     if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        liger = LigerFusedLinearGRPOLoss(beta=CFG.beta, use_ref_model=True, epsilon_low=0.2, epsilon_high=0.2)
+        kw = dict(beta=CFG.beta, use_ref_model=True, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo")
+        kw = {k: v for k, v in kw.items() if k in inspect.signature(LigerFusedLinearGRPOLoss).parameters}
+        liger = LigerFusedLinearGRPOLoss(**kw)
         methods["liger"] = with_grads(lambda: liger(h, w, ids, mask, adv, ref_per_token_logps=ref)[0])
     return methods
 

@@ -21,6 +21,7 @@ their gradient, as a fraction of the logits' size.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -85,10 +86,15 @@ def make_methods(x, ids, mask, adv, ref, use_triton_peers: bool) -> dict:
             # Liger takes the [B, T + 1, V] logits of a causal LM and drops the last position
             full = torch.cat([x.detach(), x.detach()[:, -1:]], 1).requires_grad_()
 
+            kw = dict(temperature=1.0, beta=CFG.beta, eps_low=0.2, eps_high=0.2, inplace=True, loss_type="dapo",
+                      reduce=True)  # fmt: skip
+            kw = {k: v for k, v in kw.items() if k in inspect.signature(triton_grpo_loss).parameters}
+
             def liger():
-                kw = dict(temperature=1.0, beta=CFG.beta, eps_low=0.2, eps_high=0.2, inplace=True)
-                out = triton_grpo_loss(full, None, ref, ids, adv, mask, **kw, loss_type="dapo", reduce=True)
+                out = triton_grpo_loss(full, None, ref, ids, adv, mask, **kw)
                 loss = out[0] if isinstance(out, tuple) else out
+                if loss.dim() > 0:  # older versions return the per-token loss
+                    loss = (loss * mask).sum() / mask.sum().clamp(min=1)
                 return loss, torch.autograd.grad(loss, full)[0]
 
             methods["liger"] = liger
@@ -103,9 +109,9 @@ def check_parity(methods: dict) -> None:
     for name, fn in methods.items():
         if name in ("fused", "fused_inplace", "liger"):  # in place: the buffer is overwritten
             continue
-        loss, grad = fn()
-        torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=1e-3, msg=name)
-        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=5e-2, atol=2e-3, msg=name)
+        for a, b in zip(fn(), (ref_loss, ref_grad), strict=True):
+            err = (a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)
+            assert err < 3e-2, f"{name}: relative error {err:.3g} against the fused loss"
 
 
 def main() -> None:
