@@ -130,7 +130,8 @@ def main() -> None:
     for V, tokens in sweep:
         x, ids, mask, adv, ref = make_inputs(tokens, V, device)
         methods = make_methods(x, ids, mask, adv, ref, use_triton_peers=cuda or interp)
-        check_parity(methods)
+        if tokens == min(n for _, n in sweep):  # parity once per vocabulary, at the smallest batch
+            check_parity(methods)
         logits_bytes = x.numel() * x.element_size()
         base = {}
         for name, fn in methods.items():
