@@ -202,3 +202,21 @@ def test_public_exports():
     assert papo_kernels.policy_loss is policy_loss
     assert {"policy_loss", "PolicyLossConfig", "PolicyLossOutput"} <= set(papo_kernels.__all__)
     assert dataclasses.is_dataclass(PolicyLossConfig)
+
+
+def test_loss_can_be_scaled_in_place(device):
+    """Trainers divide the loss by the accumulation steps, sometimes in place: the output is no view."""
+    from papo_kernels.loss import fused_linear_policy_loss
+
+    cfg = PolicyLossConfig(loss_type="grpo")
+    case = make_case(12, B, T, V, cfg=cfg, device=device)
+    _, g = run(policy_loss, case, cfg)
+    x = case["logits"].clone().requires_grad_()
+    out = policy_loss(x, case["completion_ids"], case["completion_mask"], case["advantages"], config=cfg)
+    out.loss.div_(4).backward()
+    torch.testing.assert_close(x.grad, g / 4)
+    h = torch.randn(B, T, 4, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(V, 4, dtype=torch.float64, device=device)
+    fused = fused_linear_policy_loss(h, w, case["completion_ids"], case["completion_mask"], case["advantages"])
+    fused.loss.mul_(2).backward()
+    assert torch.isfinite(h.grad).all()

@@ -144,7 +144,7 @@ def make_plan(
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(device=device, dtype=acc).reshape(1)
     # one allocation, every segment 16-element aligned (pointer alignment is part of Triton's specialization key)
-    sizes = [N] * 7 + [N_PART * B, B, N_OUT, 1]
+    sizes = [N] * 7 + [N_PART * B, B, N_OUT]
     padded = [-(-n // 16) * 16 for n in sizes]
     alloc = torch.zeros if zeroed else torch.empty
     flat = alloc(sum(padded), dtype=acc, device=device)
@@ -159,7 +159,8 @@ def make_plan(
         num_items=num_items_in_batch, params=params_tensor(cfg, acc, device, logit_scale, softcap),
         softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], g=views[4],
         ptl=views[5], kl=views[6], flags=alloc(N, dtype=torch.int32, device=device),
-        part=views[7].view(B, N_PART), w=views[8], out=views[9], loss=views[10].view(()),
+        part=views[7].view(B, N_PART), w=views[8], out=views[9],
+        loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
     )  # fmt: skip
 
 
