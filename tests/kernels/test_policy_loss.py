@@ -212,7 +212,9 @@ def test_loss_can_be_scaled_in_place(device):
     case = make_case(12, B, T, V, cfg=cfg, device=device)
     _, g = run(policy_loss, case, cfg)
     x = case["logits"].clone().requires_grad_()
-    out = policy_loss(x, case["completion_ids"], case["completion_mask"], case["advantages"], config=cfg)
+    out = policy_loss(
+        x, case["completion_ids"], case["completion_mask"], case["advantages"], config=cfg, **kwargs_of(case)
+    )
     out.loss.div_(4).backward()
     torch.testing.assert_close(x.grad, g / 4)
     h = torch.randn(B, T, 4, dtype=torch.float64, device=device, requires_grad=True)
