@@ -1,0 +1,250 @@
+"""``papo-train``: the embedded CPU demo, or a real PAPO run from a YAML recipe plus command-line overrides.
+
+Usage::
+
+    papo-train                                   # the embedded demo (PAPO), about five minutes on 2 CPU cores
+    papo-train demo [--quick] [--compare] [--method papo|grpo|prm_only] [--seed 0] [--output_dir papo_demo]
+    papo-train --config examples/papo_qwen2.5_7b.yaml [--learning_rate 2e-6 ...]
+    accelerate launch --config_file zero3.yaml -m papo_trl.cli --config examples/papo_qwen2.5_7b.yaml
+
+The real run parses, in TRL's style (``trl.TrlParser``: YAML values become defaults, flags override them),
+:class:`PAPOScriptArguments` (dataset, reward functions, judge), :class:`~papo_trl.PAPOConfig` (every field) and
+TRL's ``ModelConfig`` (model id, dtype, attention, PEFT). An optional leading ``train`` is accepted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+from .demo.run import METHODS, QUICK_ENV
+
+__all__ = ["DemoArguments", "PAPOScriptArguments", "build_reward_funcs", "main", "make_parser", "parse_demo_args"]
+
+OUTCOME_REWARDS = ("math_accuracy_reward", "exact_answer_reward", "soft_overlong_punishment")
+PROCESS_REWARDS = ("rubric_judge", "step_checker_reward")
+DEMO_DATASET = "papo-demo"
+
+
+@dataclass
+class DemoArguments:
+    """Arguments of ``papo-train demo``."""
+
+    method: str = field(default="papo", metadata={"help": "RL method: papo, grpo or prm_only.", "choices": METHODS})
+    compare: bool = field(default=False, metadata={"help": "Run papo, grpo and prm_only from one warm start."})
+    quick: bool = field(default=False, metadata={"help": f"Shortened CI run (also: {QUICK_ENV}=1)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the data, the model and the trainers."})
+    output_dir: str = field(default="papo_demo", metadata={"help": "Where summary.json and the PNG go."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
+
+
+@dataclass
+class PAPOScriptArguments:
+    """Data, rewards and judge of a real run (the model lives in TRL's ``ModelConfig``)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": f"Hub id, local dataset directory or .json/.jsonl/.parquet/.csv file; "
+                          f"'{DEMO_DATASET}' generates the embedded arithmetic task."},
+    )  # fmt: skip
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt (renamed 'prompt')."})
+    answer_column: str = field(
+        default="solution", metadata={"help": "Column holding the gold answer (renamed 'solution')."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "If set, plain-text prompts become [system, user] chat messages."}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["math_accuracy_reward"],
+        metadata={"help": f"Outcome reward functions: {', '.join(OUTCOME_REWARDS)} or a dotted import path."},
+    )
+    process_reward_funcs: list[str] = field(
+        default_factory=lambda: ["rubric_judge"],
+        metadata={"help": f"Process reward functions: {', '.join(PROCESS_REWARDS)}, a dotted path, or 'none'."},
+    )
+    soft_punish_cache: int = field(
+        default=1024, metadata={"help": "Soft overlong punishment buffer (tokens before max_completion_length)."}
+    )
+    judge_base_url: str = field(
+        default="http://localhost:8001/v1", metadata={"help": "OpenAI-compatible API root of the rubric judge."}
+    )
+    judge_model: str = field(default="openai/gpt-oss-20b", metadata={"help": "Judge model name on that server."})
+    judge_api_key: str = field(default="EMPTY", metadata={"help": "API key of the judge server."})
+    judge_max_concurrency: int = field(default=64, metadata={"help": "Judge requests in flight per process."})
+    judge_timeout: float = field(default=300.0, metadata={"help": "Seconds per judge request."})
+    judge_max_retries: int = field(default=3, metadata={"help": "Retries on timeouts, 5xx and connection errors."})
+    judge_batch_deadline: float = field(default=900.0, metadata={"help": "Seconds for one batch of judge calls."})
+    judge_max_tokens: int | None = field(default=None, metadata={"help": "Max tokens of a judge answer."})
+    judge_reasoning_effort: str | None = field(
+        default=None, metadata={"help": "gpt-oss reasoning effort (low, medium, high) where the server supports it."}
+    )
+
+
+def make_parser():
+    """``TrlParser`` over ``PAPOScriptArguments``, ``PAPOConfig`` and TRL's ``ModelConfig``."""
+    from trl import ModelConfig, TrlParser
+
+    from .config import PAPOConfig
+
+    return TrlParser((PAPOScriptArguments, PAPOConfig, ModelConfig), prog="papo-train")
+
+
+def parse_demo_args(argv: list[str]) -> DemoArguments:
+    """Parse ``papo-train demo`` flags (a ``--config`` YAML works here too)."""
+    from trl import TrlParser
+
+    (args,) = TrlParser((DemoArguments,), prog="papo-train demo").parse_args_and_config(argv)
+    return args
+
+
+def _import(path: str):
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(f"reward function {path!r}: expected a known name or a dotted import path")
+    sys.path.insert(0, os.getcwd())
+    return getattr(importlib.import_module(module), name)
+
+
+def build_reward_funcs(names: list[str], script_args: PAPOScriptArguments, training_args) -> list:
+    """Reward callables from names: the known outcome/process rewards, or ``module.attr`` import paths."""
+    from .rewards import (
+        RubricJudge,
+        exact_answer_reward,
+        get_soft_overlong_punishment,
+        math_accuracy_reward,
+        step_checker_reward,
+    )
+
+    funcs = []
+    for name in names:
+        if name.lower() == "none":
+            continue
+        if name == "math_accuracy_reward":
+            funcs.append(math_accuracy_reward)
+        elif name == "exact_answer_reward":
+            funcs.append(exact_answer_reward)
+        elif name == "step_checker_reward":
+            funcs.append(step_checker_reward)
+        elif name == "soft_overlong_punishment":
+            length, cache = training_args.max_completion_length, script_args.soft_punish_cache
+            funcs.append(get_soft_overlong_punishment(max_completion_len=length, soft_punish_cache=cache))
+        elif name == "rubric_judge":
+            s = script_args
+            funcs.append(RubricJudge(
+                s.judge_base_url, s.judge_model, s.judge_api_key, max_concurrency=s.judge_max_concurrency,
+                request_timeout=s.judge_timeout, max_retries=s.judge_max_retries,
+                batch_deadline=s.judge_batch_deadline, max_tokens=s.judge_max_tokens, seed=training_args.seed,
+                request_kwargs={"reasoning_effort": s.judge_reasoning_effort} if s.judge_reasoning_effort else None,
+            ))  # fmt: skip
+        else:
+            funcs.append(_import(name))
+    return funcs
+
+
+def load_training_data(script_args: PAPOScriptArguments, seed: int = 0):
+    """``(train, eval or None)`` with ``prompt`` and ``solution`` columns (and the original ones)."""
+    import datasets
+
+    name = script_args.dataset_name
+    if not name:
+        raise ValueError("dataset_name: expected a hub id, a local dataset path or 'papo-demo', got nothing")
+    if name == DEMO_DATASET:
+        from .demo.run import FULL
+        from .demo.task import make_splits
+
+        splits = make_splits(1, FULL.n_rl, FULL.n_eval, seed, FULL.task)
+        data = datasets.DatasetDict(train=splits["rl"], test=splits["eval"])
+        data = data.rename_column("completion", "reference_solution")  # what the rubric judge reads
+    elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        data = datasets.load_from_disk(name)
+    elif os.path.isfile(name):
+        kind = {"jsonl": "json"}.get(name.rsplit(".", 1)[-1], name.rsplit(".", 1)[-1])
+        data = datasets.load_dataset(kind, data_files=name)
+    else:
+        data = datasets.load_dataset(name, name=script_args.dataset_config)
+    data = data.map(_standardise(script_args), desc="Formatting prompts")
+    test = script_args.dataset_test_split
+    return data[script_args.dataset_train_split], (data[test] if test else None)
+
+
+def _standardise(script_args: PAPOScriptArguments):
+    prompt_col, answer_col, system = script_args.prompt_column, script_args.answer_column, script_args.system_prompt
+
+    def fn(row):
+        if prompt_col not in row:
+            raise ValueError(f"prompt_column: the dataset has no column {prompt_col!r} (columns: {sorted(row)})")
+        prompt = row[prompt_col]
+        if system is not None and isinstance(prompt, str):
+            prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+        out = {"prompt": prompt}
+        if answer_col in row:
+            out["solution"] = row[answer_col]
+        return out
+
+    return fn
+
+
+def train(script_args: PAPOScriptArguments, training_args, model_args) -> int:
+    """A real PAPO run: load data and model, build the rewards, train, save. Returns the exit status."""
+    from trl import get_peft_config
+
+    from .trainer import PAPOTrainer
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision, "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }  # fmt: skip
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path: expected a hub id or a local model directory, got nothing")
+    train_set, eval_set = load_training_data(script_args, training_args.seed)
+    trainer = PAPOTrainer(
+        model=model_args.model_name_or_path,
+        reward_funcs=build_reward_funcs(script_args.reward_funcs, script_args, training_args),
+        process_reward_funcs=build_reward_funcs(script_args.process_reward_funcs, script_args, training_args),
+        args=training_args, train_dataset=train_set, eval_dataset=eval_set, peft_config=get_peft_config(model_args),
+    )  # fmt: skip
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    return 0
+
+
+def run_demo_command(args: DemoArguments) -> int:
+    """Run the demo (or the comparison); 1 if training produced non-finite values, else 0."""
+    if args.compare:
+        from .demo.compare import run_compare
+
+        summary = run_compare(seed=args.seed, quick=args.quick, output_dir=args.output_dir,
+                              num_threads=args.num_threads)  # fmt: skip
+        non_finite = [item for run in summary["runs"].values() for item in run["non_finite"]]
+    else:
+        from .demo.run import run_demo
+
+        summary = run_demo(args.method, seed=args.seed, quick=args.quick, output_dir=args.output_dir,
+                           num_threads=args.num_threads)  # fmt: skip
+        non_finite = summary["non_finite"]
+    if non_finite:
+        print(f"[demo] training produced non-finite values: {', '.join(non_finite[:10])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``papo-train`` (and ``python -m papo_trl.cli``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] == "demo":
+        return run_demo_command(parse_demo_args(argv[1:]))
+    if argv[0] == "train":
+        argv = argv[1:]
+    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    return train(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The embedded demo: task generator, tokenizer, tiny model, and the quick run end to end."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from papo_trl.demo import model as demo_model
+from papo_trl.demo.model import ALPHABET, build_model, build_tokenizer
+from papo_trl.demo.task import TaskSpec, make_dataset, make_problem, make_splits
+from papo_trl.rewards import exact_answer_reward, step_checker_reward
+
+
+def _left_to_right(prompt: str) -> int:
+    tokens = prompt.strip().replace("-", " - ").replace("+", " + ").split()
+    total = int(tokens[0])
+    for op, value in zip(tokens[1::2], tokens[2::2], strict=True):
+        total = total + int(value) if op == "+" else total - int(value)
+    return total
+
+
+@pytest.mark.parametrize("spec", [TaskSpec(), TaskSpec(min_steps=3, max_steps=5, min_value=0, max_value=999)])
+def test_reference_solutions_are_correct_step_by_step(spec):
+    rng = random.Random(0)
+    rows = [make_problem(rng, spec) for _ in range(300)]
+    completions = [r["completion"] for r in rows]
+    assert exact_answer_reward(completions, answer=[r["answer"] for r in rows]) == [1.0] * len(rows)
+    assert step_checker_reward([r["prompt"] for r in rows], completions) == [1.0] * len(rows)
+    for row in rows:
+        n_steps = row["completion"].count("=")
+        assert spec.min_steps <= n_steps <= spec.max_steps
+        assert int(row["answer"]) == _left_to_right(row["prompt"]) >= 0
+        assert row["prompt"].endswith("\n") and row["completion"].endswith(f"\\boxed{{{row['answer']}}}")
+        values = [int(v) for v in row["prompt"].strip().replace("-", "+").split("+")]
+        assert all(spec.min_value <= v <= spec.max_value for v in values)
+
+
+def test_splits_are_seeded_and_held_out():
+    a = make_splits(300, 200, 100, seed=7)
+    b = make_splits(300, 200, 100, seed=7)
+    assert a["sft"]["prompt"] == b["sft"]["prompt"] and a["eval"]["answer"] == b["eval"]["answer"]
+    assert make_splits(300, 200, 100, seed=8)["eval"]["prompt"] != a["eval"]["prompt"]
+    held_out = set(a["eval"]["prompt"])
+    assert len(held_out) == 100  # distinct
+    assert not held_out & set(a["sft"]["prompt"]) and not held_out & set(a["rl"]["prompt"])
+    assert {len(a["sft"]), len(a["rl"])} == {300, 200}
+
+
+def test_direct_answers_only_in_the_warm_start_split():
+    splits = make_splits(2000, 300, 100, seed=0, direct_fraction=0.5)
+    sft = splits["sft"]
+    direct = [c for c in sft["completion"] if "=" not in c]
+    assert 0.45 < len(direct) / len(sft) < 0.55
+    assert all(c.startswith("\\boxed{") for c in direct)
+    assert exact_answer_reward(sft["completion"], answer=sft["answer"]) == [1.0] * len(sft)  # direct answers are right
+    assert step_checker_reward(None, direct) == [0.0] * len(direct)  # ... but show no work
+    for name in ("rl", "eval"):
+        assert all("=" in c for c in splits[name]["completion"])
+    same_problems = make_splits(2000, 300, 100, seed=0)["sft"]
+    assert same_problems["prompt"] == sft["prompt"]  # the style draw does not change the problems
+    with pytest.raises(ValueError, match="direct_fraction"):
+        make_dataset(10, seed=0, direct_fraction=1.5)
+
+
+def test_task_bad_input():
+    with pytest.raises(ValueError, match="min_steps"):
+        TaskSpec(min_steps=0)
+    with pytest.raises(ValueError, match="min_value"):
+        TaskSpec(min_value=5, max_value=2)
+    with pytest.raises(ValueError, match="n must be"):
+        make_dataset(0, seed=0)
+    with pytest.raises(ValueError, match="could not draw"):
+        make_dataset(50, seed=0, spec=TaskSpec(min_steps=1, max_steps=1, min_value=1, max_value=2), distinct=True)
+
+
+def test_tokenizer_round_trip():
+    tok = build_tokenizer()
+    rng = random.Random(1)
+    texts = [make_problem(rng)["prompt"] + make_problem(rng)["completion"] for _ in range(50)]
+    texts += ["".join(rng.choice(ALPHABET) for _ in range(40)) for _ in range(50)]
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text
+    assert len(tok("\\boxed{12}")["input_ids"]) == 4  # "\boxed{" is one token
+    assert tok.eos_token == "<eos>" and tok.pad_token == "<pad>" and tok.pad_token_id != tok.eos_token_id
+    batch = tok(["1+2\n", "10+20-3\n"], padding=True)
+    assert batch["input_ids"][0][0] == tok.pad_token_id  # left padding for generation
+    assert tok.decode([*tok("7\n")["input_ids"], tok.eos_token_id], skip_special_tokens=True) == "7\n"
+
+
+def test_tiny_model_is_seeded_and_generates():
+    tok = build_tokenizer()
+    a, b = build_model(tok, seed=3), build_model(tok, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(next(iter(build_model(tok, seed=4).parameters())), next(iter(a.parameters())))
+    assert type(a).__name__ == "Qwen2ForCausalLM" and a.config.vocab_size == len(tok)
+    assert sum(p.numel() for p in a.parameters()) < 500_000
+    enc = tok(["1+2\n", "3-1\n"], return_tensors="pt", padding=True)
+    out = a.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert out.shape[0] == 2 and out.shape[1] <= enc["input_ids"].shape[1] + 5
+
+
+def _finite_numbers(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _finite_numbers(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _finite_numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def _check_outputs(out_dir, methods):
+    summary = json.loads((out_dir / "summary.json").read_text())
+    png = (out_dir / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    numbers = list(_finite_numbers(summary))
+    assert numbers and all(math.isfinite(x) for x in numbers)
+    for method in methods:
+        held_out = summary["curves"][method]["held_out"]
+        assert held_out[0]["step"] == 0 and len(held_out) >= 2
+        assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["process_score"] <= 1.0 for r in held_out)
+        assert summary["curves"][method]["train"], "no training logs recorded"
+    return summary
+
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end(tmp_path):
+    from papo_trl.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output_dir", str(out), "--seed", "0"]) == 0
+    summary = _check_outputs(out, ["papo"])
+    assert summary["method"] == "papo" and summary["quick"] is True and summary["non_finite"] == []
+    for key in ("before", "after"):
+        assert 0.0 <= summary[key]["accuracy"] <= 1.0 and summary[key]["mean_length"] > 0
+    assert summary["seconds"]["total"] > 0
+
+
+@pytest.mark.slow
+def test_compare_plumbing(tmp_path, monkeypatch):
+    """The comparison with a micro profile: every method runs from the same warm start and is plotted."""
+    from dataclasses import replace
+
+    from papo_trl.demo import compare, run
+
+    micro = replace(run.QUICK, n_sft=200, n_eval=20, sft_steps=4, rl_steps=2, eval_every=1, n_eval_curve=8)
+    monkeypatch.setattr(run, "QUICK", micro)
+    monkeypatch.setattr(compare, "QUICK", micro)
+    summary = compare.run_compare(seed=1, quick=True, output_dir=str(tmp_path / "cmp"))
+    _check_outputs(tmp_path / "cmp", ["grpo", "papo", "prm_only"])
+    assert set(summary["runs"]) == {"grpo", "papo", "prm_only"} and summary["quick"] is True
+    with pytest.raises(ValueError, match="methods"):
+        compare.run_compare(methods=("ppo",))
+
+
+def test_model_spec_defaults_are_tiny():
+    spec = demo_model.TinyModelSpec()
+    assert spec.hidden_size % spec.num_attention_heads == 0
+    assert spec.num_attention_heads % spec.num_key_value_heads == 0
