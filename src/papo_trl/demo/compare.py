@@ -7,10 +7,10 @@ answers do not get more correct - the reward hacking that PAPO's decoupled advan
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 
+from .model import build_model
 from .plots import plot_curves
 from .run import METHODS, QUICK, evaluate, prepare, profile_for, train_rl, write_outputs
 
@@ -31,9 +31,13 @@ def run_compare(seed: int = 0, quick: bool = False, output_dir: str = "papo_demo
     before = evaluate(warm, tokenizer, data["eval"], max_len, desc="held-out eval (warm start)")
     print(f"[compare] warm start: held-out accuracy {before['accuracy']:.3f}, "
           f"process score {before['process_score']:.3f}", flush=True)  # fmt: skip
+    # a fresh model per method, loaded with the warm-start weights (a deep copy would keep the SFT trainer's
+    # forward wrappers, which still point at the original module)
+    warm_state = {name: tensor.detach().clone() for name, tensor in warm.state_dict().items()}
     runs, curves = {}, {}
     for method in methods:
-        model = copy.deepcopy(warm)
+        model = build_model(tokenizer, profile.model, seed=seed)
+        model.load_state_dict(warm_state)
         run = train_rl(model, tokenizer, data, method, profile, seed, output_dir)
         after = evaluate(model, tokenizer, data["eval"], max_len, desc=f"held-out eval ({method})")
         print(f"[compare] {method}: held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, "

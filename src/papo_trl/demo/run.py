@@ -28,6 +28,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+import datasets
 import torch
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, set_seed
@@ -201,6 +202,8 @@ def train_rl(model, tokenizer, data, method: str, profile: DemoProfile, seed: in
     recorder = CurveRecorder(tokenizer, curve_set, profile.eval_every, profile.max_completion_length)
     recorder.evaluate_at(model, 0)
     kwargs = rl_trainer_kwargs(method, profile, seed, output_dir)
+    print(f"[demo] RL ({method}): {profile.rl_steps} steps of {profile.prompts_per_step} prompts x "
+          f"{profile.num_generations} samples", flush=True)  # fmt: skip
     trainer = PAPOTrainer(
         model=model, train_dataset=data["rl"], processing_class=tokenizer, callbacks=[recorder], **kwargs
     )
@@ -218,10 +221,14 @@ def prepare(profile: DemoProfile, seed: int, output_dir: str, num_threads: int |
     """Seeded data, tokenizer and SFT-warm-started model; returns ``(data, tokenizer, model, sft_seconds)``."""
     if num_threads:
         torch.set_num_threads(num_threads)
+    datasets.disable_progress_bars()  # the trainers' own bars are enough
     set_seed(seed)
     data = make_splits(profile.n_sft, profile.n_rl, profile.n_eval, seed, profile.task, profile.direct_fraction)
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, profile.model, seed=seed)
+    print(f"[demo] warm start: SFT of a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter model on "
+          f"{profile.n_sft} solutions ({profile.direct_fraction:.0%} bare answers), {profile.sft_steps} steps",
+          flush=True)  # fmt: skip
     sft_seconds = warm_start(model, tokenizer, data["sft"], profile, seed, output_dir)
     return data, tokenizer, model, sft_seconds
 
