@@ -36,8 +36,10 @@ class DemoArguments:
     compare: bool = field(default=False, metadata={"help": "Run papo, grpo and prm_only from one warm start."})
     quick: bool = field(default=False, metadata={"help": f"Shortened CI run (also: {QUICK_ENV}=1)."})
     seed: int = field(default=0, metadata={"help": "Seed of the data, the model and the trainers."})
-    output_dir: str = field(default="papo_demo", metadata={"help": "Where summary.json and the PNG go."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where summary.json and curves.png go; unset: papo_demo[_compare]."}
+    )
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; unset: torch's choice."})
 
 
 @dataclass
@@ -91,7 +93,11 @@ def make_parser():
 
     from .config import PAPOConfig
 
-    return TrlParser((PAPOScriptArguments, PAPOConfig, ModelConfig), prog="papo-train")
+    description = (
+        "Train with PAPOTrainer from a YAML recipe (--config) plus flag overrides. Run `papo-train` without "
+        "arguments, or `papo-train demo --help`, for the embedded CPU demo."
+    )
+    return TrlParser((PAPOScriptArguments, PAPOConfig, ModelConfig), prog="papo-train", description=description)
 
 
 def parse_demo_args(argv: list[str]) -> DemoArguments:
@@ -220,13 +226,13 @@ def run_demo_command(args: DemoArguments) -> int:
     if args.compare:
         from .demo.compare import run_compare
 
-        summary = run_compare(seed=args.seed, quick=args.quick, output_dir=args.output_dir,
+        summary = run_compare(seed=args.seed, quick=args.quick, output_dir=args.output_dir or "papo_demo_compare",
                               num_threads=args.num_threads)  # fmt: skip
         non_finite = [item for run in summary["runs"].values() for item in run["non_finite"]]
     else:
         from .demo.run import run_demo
 
-        summary = run_demo(args.method, seed=args.seed, quick=args.quick, output_dir=args.output_dir,
+        summary = run_demo(args.method, seed=args.seed, quick=args.quick, output_dir=args.output_dir or "papo_demo",
                            num_threads=args.num_threads)  # fmt: skip
         non_finite = summary["non_finite"]
     if non_finite:
