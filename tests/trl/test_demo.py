@@ -162,3 +162,16 @@ def test_model_spec_defaults_are_tiny():
     spec = demo_model.TinyModelSpec()
     assert spec.hidden_size % spec.num_attention_heads == 0
     assert spec.num_attention_heads % spec.num_key_value_heads == 0
+
+
+def test_curve_recorder_flags_non_finite_training():
+    from types import SimpleNamespace
+
+    from papo_trl.demo.run import CurveRecorder
+
+    recorder = CurveRecorder(build_tokenizer(), None, eval_every=10, max_new_tokens=4)
+    for step, loss, grad_norm in ((1, 0.5, 1.0), (2, float("nan"), 1.0), (3, 0.1, float("inf"))):
+        recorder.on_log(None, SimpleNamespace(global_step=step), None, logs={"loss": loss, "grad_norm": grad_norm})
+    recorder.on_log(None, SimpleNamespace(global_step=3), None, logs={"train_runtime": 1.0})  # summary row: skipped
+    assert recorder.non_finite == ["loss@2", "grad_norm@3"]
+    assert [row["step"] for row in recorder.train] == [1, 2, 3]
