@@ -4,8 +4,8 @@ For every completion the judge renders the rubric prompt (:mod:`.rubric`) from t
 ``question`` column, else the prompt's last user message), the reference solution when the dataset has one
 (``reference_solution`` / ``solution`` column) and the student solution with its ``<think>`` removed, and
 reads ``s in valid_scores`` (default {0, 0.5, 1}) from the reply. TRL awaits ``judge(prompts=...,
-completions=..., completion_ids=..., **columns)`` on its reward event loop; PAPO calls it for the correct
-responses only and passes ``None`` for the others, which come back ``None`` without a request.
+completions=..., completion_ids=..., **columns)`` on its reward event loop; ``PAPOTrainer`` calls it on the
+correct responses only. A ``None`` completion comes back ``None`` without a request.
 
 Robustness, per call (one training step's batch): at most ``max_concurrency`` requests in flight, each bounded
 by ``request_timeout``; timeouts, connection errors, 5xx and 429 are retried ``max_retries`` times after
