@@ -122,6 +122,13 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
+def assert_same_results(name: str, got, expected, tol: float = 3e-2) -> None:
+    """Norm-relative check of a peer's outputs against ours (bf16 tolerance) before anything is timed."""
+    for a, b in zip(got, expected, strict=True):
+        err = (a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)
+        assert err < tol, f"{name}: relative error {err:.3g} against the fused result"
+
+
 def arg_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny shapes, one repetition: a smoke test")
