@@ -2,7 +2,7 @@
 
     python benchmarks/report.py              # run all bench_*.py, then write results/REPORT.md
     python benchmarks/report.py --no-run     # only rebuild the report from the JSON already there
-    python benchmarks/report.py --quick      # smoke: tiny shapes, report from results/cpu/ on a CPU
+    python benchmarks/report.py --quick      # smoke: tiny shapes (always so without CUDA; report in results/cpu/)
 
 Each result file holds ``rows``: flat dicts with a ``method``, an x-axis key (``tokens`` or ``N``), metrics
 (``ms``, ``us_per_call``, ``peak_mib``, ``requests_per_s`` ...) and other keys that split the plots
@@ -109,12 +109,12 @@ def write_report(folder: Path) -> Path:
 
 
 def main() -> None:
-    args = set(sys.argv[1:])
-    quick = "--quick" in args
-    if "--no-run" not in args:
-        run_all(quick)
     import torch
 
+    args = set(sys.argv[1:])
+    quick = "--quick" in args or not torch.cuda.is_available()  # full sweeps are for GPUs
+    if "--no-run" not in args:
+        run_all(quick)
     folder = HERE / "results" if torch.cuda.is_available() else HERE / "results" / "cpu"
     folder.mkdir(parents=True, exist_ok=True)
     print(f"wrote {write_report(folder)}")
