@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import threading
 import time
@@ -35,6 +36,8 @@ __all__ = ["LocalJudgeServer"]
 _DIRECTIVE = re.compile(r"\[\[judge:([^\]]*)\]\]")
 _REASONS = {400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
             502: "Bad Gateway", 503: "Service Unavailable"}
+
+logger = logging.getLogger(__name__)
 
 
 def _directives(text: str) -> dict[str, str]:
@@ -141,8 +144,8 @@ class LocalJudgeServer:
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
                     break
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError, asyncio.CancelledError):
-            pass  # the client went away, or the server is shutting down
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, asyncio.CancelledError) as err:
+            logger.debug("connection ended: %r", err)  # the client went away, or the server is shutting down
         finally:
             self._handlers.discard(task)
             writer.close()
@@ -211,12 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every response")
     parser.add_argument("--default-score", type=float, default=1.0)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = LocalJudgeServer(args.host, args.port, latency=args.latency, default_score=args.default_score,
                               record=False)
 
     async def run() -> None:
         await server.serve()
-        print(f"listening on {server.base_url}", flush=True)
+        logger.info("listening on %s", server.base_url)
         await asyncio.Event().wait()
 
     try:
