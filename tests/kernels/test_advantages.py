@@ -71,6 +71,15 @@ def test_large_and_non_power_of_two_groups(device):
         _assert_tuple_close(got, naive.papo_advantages(o.cpu(), r[:, 1].cpu(), o.cpu(), G), **TOL[torch.float32])
 
 
+def test_sixteen_reward_columns(device):
+    r = _rewards(8 * 5, 16, torch.float32, device, seed=16)
+    w = torch.rand(16, generator=torch.Generator().manual_seed(0)).to(device)
+    _assert_tuple_close(grpo_advantages(r, 8, weights=w), naive.grpo_advantages(r.cpu(), 8, weights=w.cpu()),
+                        **TOL[torch.float32])
+    _assert_tuple_close(gdpo_advantages(r, 8, weights=w), naive.gdpo_advantages(r.cpu(), 8, weights=w.cpu()),
+                        **TOL[torch.float32])
+
+
 def test_worked_example(device):
     outcome = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0.0], device=device)
     process = torch.tensor([1, 1, 0.5, 0, 0, 0, 0, 0.0], device=device)
