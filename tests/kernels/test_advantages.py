@@ -222,3 +222,33 @@ def test_device_mismatch_raises():
         papo_advantages(torch.zeros(4), other, torch.zeros(4), 4)
     with pytest.raises(ValueError, match="`weights` is on meta"):
         grpo_advantages(torch.zeros(4, 2), 4, weights=torch.zeros(2, device="meta"))
+
+
+class _CountingKernel:
+    """Counts ``kernel[grid](...)`` launches of a wrapped Triton kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_one_launch_per_call(monkeypatch, device):
+    from papo_kernels.advantages import triton as fused
+
+    counters = {}
+    for name in ("_grpo_kernel", "_gdpo_kernel", "_papo_kernel", "_group_count_kernel"):
+        counters[name] = _CountingKernel(getattr(fused, name))
+        monkeypatch.setattr(fused, name, counters[name])
+    r = _rewards(8 * 300, 3, torch.float32, device)  # enough groups for several programs (CPU: the interpreter)
+    o = (r[:, 0].nan_to_num() > 0).float()
+    grpo_advantages(r, 8, scale="batch", validate=False)
+    gdpo_advantages(r, 8, validate=False)
+    papo_advantages(o, r[:, 1], o, 8, validate=False)
+    dynamic_sampling_mask(o, 8, validate=False)
+    pass_rate_buckets(o, 8, validate=False)
+    assert {k: c.launches for k, c in counters.items()} == {
+        "_grpo_kernel": 1, "_gdpo_kernel": 1, "_papo_kernel": 1, "_group_count_kernel": 2,
+    }
