@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every response")
     parser.add_argument("--default-score", type=float, default=1.0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     server = LocalJudgeServer(args.host, args.port, latency=args.latency, default_score=args.default_score,
                               record=False)
 
