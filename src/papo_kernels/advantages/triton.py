@@ -73,17 +73,6 @@ def _bit(cond, bit: tl.constexpr):
 
 
 @triton.jit
-def _bit_or(a, b):
-    return a | b
-
-
-@triton.jit
-def _or_all(bits):
-    """Bitwise OR of every element of the 2-D int32 ``bits``."""
-    return tl.reduce(tl.reduce(bits, 1, _bit_or), 0, _bit_or)
-
-
-@triton.jit
 def _take_ticket(STATE, bits):
     """Publish this program's error bits; True for the program that finishes last."""
     tl.atomic_or(STATE + 1, bits)
@@ -158,20 +147,21 @@ def _grpo_kernel(
     eps = tl.load(PARAM).to(tl.float64)
     total = tl.zeros([GPP, BLOCK_G], tl.float64)
     scorable = tl.zeros([GPP, BLOCK_G], tl.int1)
-    bad = tl.zeros([GPP, BLOCK_G], tl.int32)
+    r_inf = tl.zeros([GPP, BLOCK_G], tl.int1)
+    w_bad = tl.zeros([GPP, BLOCK_G], tl.int32)  # int32: the interpreter cannot OR a bool scalar into a bool tile
     for k in range(K):
         r = tl.load(R + rows * stride_n + k * stride_k, mask=inb, other=float("nan")).to(tl.float64)
         ok = r == r
-        bad |= tl.where(tl.abs(r) == float("inf"), _REWARDS_INF, 0)
+        r_inf = r_inf | (tl.abs(r) == float("inf"))
         if HAS_W:
             w = tl.load(W + k * stride_w).to(tl.float64)
-            bad |= tl.where(_nonfinite(w), _WEIGHTS_NONFINITE, 0)
+            w_bad = w_bad | _nonfinite(w).to(tl.int32)
             r = r * w
         total += tl.where(ok, r, 0.0)
         scorable = scorable | ok
     valid = inb & scorable
     x = tl.where(valid, total, float("nan"))
-    mean, std, _ = _masked_stats(x, valid)
+    mean, std, n = _masked_stats(x, valid)
     std = tl.where(G > 1, std, 0.0)
     adv = x - mean[:, None]
     if SCALE == 0:
@@ -183,9 +173,9 @@ def _grpo_kernel(
     tl.store(ADV + rows, tl.where(adv == adv, adv, 0.0), mask=inb)
     if SCALE == 1:
         _publish(PART, x, valid)
-    if _take_ticket(STATE, _or_all(bad)):
+    if _take_ticket(STATE, _bit(r_inf, _REWARDS_INF) | _bit(w_bad, _WEIGHTS_NONFINITE)):
         if SCALE == 1:
-            _, b_std = _merge(PART, N, 1024)
+            b_std = _merge(PART, N, 1024)[1]
             _rescale(ADV, N, 0.0, b_std + eps, TAIL)
             for start in range(0, num_groups, TAIL):
                 offs = start + tl.arange(0, TAIL)
@@ -203,18 +193,19 @@ def _gdpo_kernel(
     eps = tl.load(PARAM).to(tl.float64)
     total = tl.zeros([GPP, BLOCK_G], tl.float64)
     scorable = tl.zeros([GPP, BLOCK_G], tl.int1)
-    bad = tl.zeros([GPP, BLOCK_G], tl.int32)
+    r_inf = tl.zeros([GPP, BLOCK_G], tl.int1)
+    w_bad = tl.zeros([GPP, BLOCK_G], tl.int32)  # int32: the interpreter cannot OR a bool scalar into a bool tile
     gm = groups < num_groups
     for k in range(K):
         r = tl.load(R + rows * stride_n + k * stride_k, mask=inb, other=float("nan")).to(tl.float64)
         ok = inb & (r == r)
-        bad |= tl.where(tl.abs(r) == float("inf"), _REWARDS_INF, 0)
+        r_inf = r_inf | (tl.abs(r) == float("inf"))
         mean, std, _ = _masked_stats(r, ok)
         std = tl.where(G > 1, std, 0.0)
         a = (r - mean[:, None]) / (std[:, None] + eps)
         if HAS_W:
             w = tl.load(W + k * stride_w).to(tl.float64)
-            bad |= tl.where(_nonfinite(w), _WEIGHTS_NONFINITE, 0)
+            w_bad = w_bad | _nonfinite(w).to(tl.int32)
             a = a * w
         total += tl.where(a == a, a, 0.0)
         scorable = scorable | ok
@@ -224,7 +215,7 @@ def _gdpo_kernel(
     x = tl.where(valid, total, float("nan"))
     tl.store(ADV + rows, x, mask=inb)
     _publish(PART, x, valid)
-    if _take_ticket(STATE, _or_all(bad)):
+    if _take_ticket(STATE, _bit(r_inf, _REWARDS_INF) | _bit(w_bad, _WEIGHTS_NONFINITE)):
         b_mean, b_std = _merge(PART, N, 1024)
         _rescale(ADV, N, b_mean, b_std + eps, TAIL)
         _release(STATE, ERR)
