@@ -32,15 +32,16 @@ from .types import GroupAdvantages, PAPOAdvantages, check_error
 
 
 def _check_G(G, N: int, name: str) -> None:
-    require(isinstance(G, int) and not isinstance(G, bool) and G > 0, f"`G` must be a positive integer, got {G!r}")
-    require(N % G == 0, f"`{name}` has N={N} responses, which is not a multiple of the group size G={G}")
-    require(G <= fused.MAX_G, f"`G` must be at most {fused.MAX_G}, got {G}")
+    require(isinstance(G, int) and not isinstance(G, bool) and G > 0, "`G` must be a positive integer, got {!r}", G)
+    require(N % G == 0, "`{}` has N={} responses, which is not a multiple of the group size G={}", name, N, G)
+    require(G <= fused.MAX_G, "`G` must be at most {}, got {}", fused.MAX_G, G)
 
 
 def _check_eps(eps) -> None:
     require(
         isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0,
-        f"`eps` must be a finite float >= 0, got {eps!r}",
+        "`eps` must be a finite float >= 0, got {!r}",
+        eps,
     )
 
 
@@ -50,7 +51,7 @@ def _check_rewards(rewards, G, weights) -> None:
     if weights is not None:
         check_tensor("weights", weights, ndim=1, floating=True)
         K = rewards.shape[1] if rewards.dim() == 2 else 1
-        require(weights.shape[0] == K, f"`weights` has {weights.shape[0]} entries but `rewards` has {K} columns")
+        require(weights.shape[0] == K, "`weights` has {} entries but `rewards` has {} columns", weights.shape[0], K)
         check_same_device(rewards=rewards, weights=weights)
 
 
@@ -93,7 +94,7 @@ def grpo_advantages(
     module docstring.
     """
     _check_rewards(rewards, G, weights)
-    require(scale in ("group", "batch", "none"), f"`scale` must be 'group', 'batch' or 'none', got {scale!r}")
+    require(scale in ("group", "batch", "none"), "`scale` must be 'group', 'batch' or 'none', got {!r}", scale)
     _check_eps(eps)
     if _route(rewards):
         return _finish(fused.grpo_advantages(rewards, G, weights, scale, eps), validate)
@@ -148,17 +149,15 @@ def papo_advantages(
     check_tensor("correct", correct, ndim=1)
     _check_G(G, outcome.shape[0], "outcome")
     for name, t in (("process", process), ("correct", correct)):
-        require(
-            t.shape == outcome.shape,
-            f"`{name}` has shape {tuple(t.shape)}, expected {tuple(outcome.shape)} like `outcome`",
-        )
-    require(process.dtype == outcome.dtype, f"`process` has dtype {process.dtype} but `outcome` has {outcome.dtype}")
+        if t.shape != outcome.shape:
+            raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(outcome.shape)} like `outcome`")
+    require(process.dtype == outcome.dtype, "`process` has dtype {} but `outcome` has {}", process.dtype, outcome.dtype)
     check_same_device(outcome=outcome, process=process, correct=correct)
-    require(process_norm in ("correct", "all"), f"`process_norm` must be 'correct' or 'all', got {process_norm!r}")
+    require(process_norm in ("correct", "all"), "`process_norm` must be 'correct' or 'all', got {!r}", process_norm)
     require(
         isinstance(lambda_process, (int, float)) and math.isfinite(lambda_process),
-        f"`lambda_process` must be a finite float, got {lambda_process!r}",
-    )
+        "`lambda_process` must be a finite float, got {!r}", lambda_process,
+    )  # fmt: skip
     _check_eps(eps)
     if _route(outcome):
         out = fused.papo_advantages(outcome, process, correct, G, lambda_process, eps, bool(scale_by_std), process_norm)

@@ -13,10 +13,14 @@ every program ORs its error bits into ``STATE[1]`` and takes a ticket from ``STA
 the last ticket writes the call's error flag, does the batch-wide normalisation where there is one (GRPO
 ``scale="batch"``, GDPO: merge the programs' (count, mean, M2) partials with Chan's formula, then rescale the
 batch) and resets ``STATE``. The host reads nothing and allocates by shape only: the call is CUDA-graph
-capturable. ``N``, ``G``, ``K`` and the group count are runtime arguments (no recompilation for a new batch).
+capturable once a first call on the capturing stream has compiled the kernel and cached ``STATE`` and the scalar
+tensor (the warm-up CUDA graphs need anyway). ``N``, ``G``, ``K`` and the group count are runtime arguments (no
+recompilation for a new batch).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -262,7 +266,7 @@ def _papo_kernel(
     tl.store(stats + 2 * num_groups, p_mean, mask=gm)
     tl.store(stats + 3 * num_groups, p_std, mask=gm)
     tl.store(N_CORRECT + groups, tl.sum(c.to(tl.int32), axis=1), mask=gm)
-    tl.store(ACTIVE + groups, active.to(tl.int8), mask=gm)
+    tl.store(ACTIVE + groups, active, mask=gm)
     if _take_ticket(STATE, bits):
         _release(STATE, ERR)
 
@@ -277,7 +281,7 @@ def _group_count_kernel(
     gm = groups < num_groups
     x = tl.load(X + rows * stride_x, mask=inb, other=0)
     first = tl.load(X + groups.to(tl.int64) * G * stride_x, mask=gm, other=0)
-    tl.store(VARIES + groups, tl.max((inb & (x != first[:, None])).to(tl.int8), axis=1), mask=gm)
+    tl.store(VARIES + groups, tl.max((inb & (x != first[:, None])).to(tl.int8), axis=1) != 0, mask=gm)
     tl.store(COUNT + groups, tl.sum((inb & (x != 0)).to(tl.int64), axis=1), mask=gm)
     bits = 0
     if CHECK == 1:
@@ -289,9 +293,11 @@ def _group_count_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ host side
-def _launch_shape(num_groups: int, G: int) -> tuple[int, int, tuple[int], int]:
+@functools.lru_cache(maxsize=256)
+def _launch_shape(num_groups: int, G: int, tile: int) -> tuple[int, int, tuple[int], int]:
+    """(groups per program, BLOCK_G, grid, num_warps) for `num_groups` groups of `G` in tiles of `tile`."""
     block_g = next_pow2(G)
-    gpp = max(1, min(TILE // block_g, next_pow2(num_groups)))
+    gpp = max(1, min(tile // block_g, next_pow2(num_groups)))
     return gpp, block_g, (triton.cdiv(num_groups, gpp),), max(4, min(16, gpp * block_g // 256))
 
 
@@ -322,9 +328,9 @@ def _group_normalize(kernel, rewards, G, weights, eps, per_column: bool, batch: 
     N, dev, dtype = rewards.shape[0], rewards.device, out_dtype(rewards)
     K, stride_k = (rewards.shape[1], rewards.stride(1)) if rewards.dim() == 2 else (1, 0)
     num_groups = N // G
-    gpp, block_g, grid, warps = _launch_shape(num_groups, G)
+    gpp, block_g, grid, warps = _launch_shape(num_groups, G, TILE)
     S = num_groups * K if per_column else num_groups
-    adv, mean, std = torch.empty(N + 2 * S, dtype=dtype, device=dev).split([N, S, S])
+    adv, mean, std = torch.empty(N + 2 * S, dtype=dtype, device=dev).split_with_sizes([N, S, S])
     error = torch.empty((), dtype=torch.int32, device=dev)
     part = torch.empty(grid[0] * 3, dtype=torch.float64, device=dev) if batch else adv
     w = rewards if weights is None else weights
@@ -349,18 +355,17 @@ def gdpo_advantages(rewards, G, weights, eps) -> GroupAdvantages:
 def papo_advantages(outcome, process, correct, G, lambda_process, eps, scale_by_std, process_norm):
     N, dev, dtype = outcome.shape[0], outcome.device, out_dtype(outcome)
     num_groups = N // G
-    gpp, block_g, grid, warps = _launch_shape(num_groups, G)
+    gpp, block_g, grid, warps = _launch_shape(num_groups, G, TILE)
     out = torch.empty(3 * N + 4 * num_groups, dtype=dtype, device=dev)
-    ints = torch.empty(num_groups + 1, dtype=torch.int32, device=dev)  # num_correct, then the error flag
-    n_correct, error = ints[:num_groups], ints[num_groups]
+    n_correct = torch.empty(num_groups, dtype=torch.int32, device=dev)
     active = torch.empty(num_groups, dtype=torch.bool, device=dev)
-    c = correct.view(torch.uint8) if correct.dtype == torch.bool else correct
+    error = torch.empty((), dtype=torch.int32, device=dev)
     _papo_kernel[grid](
-        outcome, outcome.stride(0), process, process.stride(0), c, c.stride(0), out, n_correct, active.view(torch.int8),
+        outcome, outcome.stride(0), process, process.stride(0), correct, correct.stride(0), out, n_correct, active,
         error, _state(dev), _params(dtype, dev, eps, lambda_process), num_groups, N, G,
         SCALE_BY_STD=scale_by_std, PROCESS_ALL=process_norm == "all", GPP=gpp, BLOCK_G=block_g, num_warps=warps,
     )  # fmt: skip
-    return PAPOAdvantages(*out.split([N, N, N] + [num_groups] * 4), n_correct, active, error)
+    return PAPOAdvantages(*out.split_with_sizes([N, N, N] + [num_groups] * 4), n_correct, active, error)
 
 
 def group_counts(x: torch.Tensor, G: int, check: str | None = None):
@@ -369,13 +374,12 @@ def group_counts(x: torch.Tensor, G: int, check: str | None = None):
     ``check="finite"`` flags a non-finite ``x`` as a bad outcome, ``"nan"`` a NaN ``x`` as a bad ``correct``.
     """
     num_groups = x.shape[0] // G
-    gpp, block_g, grid, warps = _launch_shape(num_groups, G)
+    gpp, block_g, grid, warps = _launch_shape(num_groups, G, TILE)
     count = torch.empty(num_groups, dtype=torch.int64, device=x.device)
     varies = torch.empty(num_groups, dtype=torch.bool, device=x.device)
     error = torch.empty((), dtype=torch.int32, device=x.device)
-    xx = x.view(torch.uint8) if x.dtype == torch.bool else x
     _group_count_kernel[grid](
-        xx, xx.stride(0), varies.view(torch.int8), count, error, _state(x.device), num_groups, G,
+        x, x.stride(0), varies, count, error, _state(x.device), num_groups, G,
         CHECK=_CHECK[check], GPP=gpp, BLOCK_G=block_g, num_warps=warps,
     )  # fmt: skip
     return varies, count, error
