@@ -2,7 +2,8 @@
 where it must be: the interpreter computes exactly whatever the kernel's types, the GPU does not.
 
 For fp64 inputs no ``.f32`` appears anywhere in the PTX (a Python float scalar would be an fp32 parameter); for
-fp32 and bf16 inputs there is no f32 arithmetic (every sum, mean, M2, division and root is f64).
+fp32 and bf16 inputs there is no f32 arithmetic (every sum, mean, M2, division and root is f64). No kernel spills
+registers, and the last program's batch rescale uses vector loads and stores.
 """
 
 import contextlib
@@ -66,6 +67,8 @@ def test_kernels_compile_for_sm90_in_fp64(tmp_path):
     ptx = [r for r in rows if "ptx_of" in r]
     assert {r["kernel"] for r in usage} == set(NAMES) and len(ptx) == len(usage)
     assert all(r["local_bytes"] == 0 for r in usage), [r for r in usage if r["local_bytes"]]  # no spills
+    batch = [r for r in usage if r["kernel"] == "_gdpo_kernel" or r["constexprs"].get("SCALE") == 1]
+    assert batch and all(r["vector_loads"] and r["vector_stores"] for r in batch)  # the batch rescale is vectorised
     for r in ptx:
         floats = {t for t in r["pointers"].values() if t[1:] in ("fp64", "fp32", "bf16")}
         if floats == {"*fp64"}:

@@ -32,7 +32,8 @@ from .types import GroupAdvantages, PAPOAdvantages
 
 TILE = 1024  # responses per program (a power of two)
 MAX_G = 16384  # largest group a single tile holds
-TAIL = 4096  # elements per step of the last program's batch rescale
+TAIL = 4096  # elements per step of the last program's batch rescale (16 loads in flight per thread at 8 warps)
+TAIL_WARPS = 8  # warps of the batch-normalising launches, for the single program that rescales the batch
 _SCALE = {"group": 0, "batch": 1, "none": 2}
 _CHECK = {None: 0, "finite": 1, "nan": 2}
 _REWARDS_INF = tl.constexpr(types.REWARDS_INF)
@@ -130,14 +131,21 @@ def _merge(PART, N, NP_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _rescale_step(ptrs, mask, shift, den):
+    a = tl.load(ptrs, mask=mask, cache_modifier=".cg").to(tl.float64)
+    a = (a - shift) / den
+    tl.store(ptrs, tl.where(a == a, a, 0.0), mask=mask)
+
+
+@triton.jit
 def _rescale(ADV, N, shift, den, TAIL: tl.constexpr):
-    """``ADV = (ADV - shift) / den`` over the batch, NaN to 0 (the last program, on L2-resident values)."""
+    """``ADV = (ADV - shift) / den`` over the batch, NaN to 0 (the last program, on L2-resident values): unmasked
+    full steps (vector loads, ``N`` being unspecialised), then the masked remainder."""
     offs = tl.arange(0, TAIL)
-    for start in range(0, N, TAIL):
-        m = start + offs < N
-        a = tl.load(ADV + start + offs, mask=m, other=0.0, cache_modifier=".cg").to(tl.float64)
-        a = (a - shift) / den
-        tl.store(ADV + start + offs, tl.where(a == a, a, 0.0), mask=m)
+    full = N // TAIL * TAIL
+    for start in range(0, full, TAIL):
+        _rescale_step(ADV + start + offs, None, shift, den)
+    _rescale_step(ADV + full + offs, full + offs < N, shift, den)
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -337,7 +345,8 @@ def _group_normalize(kernel, rewards, G, weights, eps, per_column: bool, batch: 
     kernel[grid](
         rewards, rewards.stride(0), stride_k, w, w.stride(0), adv, mean, std, error, part, _state(dev),
         _params(dtype, dev, eps), num_groups, N, G, K,
-        HAS_W=weights is not None, GPP=gpp, BLOCK_G=block_g, TAIL=TAIL, num_warps=warps, **meta,
+        HAS_W=weights is not None, GPP=gpp, BLOCK_G=block_g, TAIL=TAIL,
+        num_warps=max(warps, TAIL_WARPS) if batch else warps, **meta,
     )  # fmt: skip
     if per_column:
         mean, std = mean.view(num_groups, K), std.view(num_groups, K)
