@@ -179,7 +179,7 @@ def test_cpu_raises_at_once_even_without_validate(case):
         _bad_call(case, "cpu")
 
 
-def test_flagged_tensor_results_check_only_when_asked(cuda_flag_semantics, device):
+def test_flagged_tensor_results_check_only_when_asked(recorder, cuda_flag_semantics, device):
     bad = torch.tensor([1.0, NAN, 0.0, 1.0], device=device)
     assert dynamic_sampling_mask(bad, 2, validate=False).tolist() == [True, True]
     assert pass_rate_buckets(bad, 2, validate=False).tolist() == [2, 1]
@@ -187,7 +187,10 @@ def test_flagged_tensor_results_check_only_when_asked(cuda_flag_semantics, devic
         dynamic_sampling_mask(bad, 2, validate=True)
     with pytest.raises(ValueError, match="`correct` contains NaN"):
         pass_rate_buckets(bad, 2, validate=True)
-    assert pass_rate_buckets(bad > 0, 2, validate=True).tolist() == [1, 1]  # bool: nothing to check
+    flags = bad > 0
+    with recorder:  # bool values have nothing to check: validate=True reads nothing back either
+        buckets, keep = pass_rate_buckets(flags, 2, validate=True), dynamic_sampling_mask(flags, 2, validate=True)
+    assert set(recorder.ops) <= ALLOWED and buckets.tolist() == [1, 1] and keep.tolist() == [True, True]
 
 
 @pytest.mark.parametrize("G", [3, 8])

@@ -21,7 +21,6 @@ On CUDA a call is one Triton launch, no host synchronisation with ``validate=Fal
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -64,16 +63,15 @@ def _raise_now(error: torch.Tensor, validate: bool) -> bool:
     return validate or not error.is_cuda
 
 
+def _check_values(error: torch.Tensor, validate: bool) -> None:
+    if _raise_now(error, validate):
+        check_error(error)
+
+
 def _finish(result, validate: bool):
-    """Raise on `result`'s value-error flag now if :func:`_raise_now`; else return the result, flag included."""
-    if _raise_now(result.error, validate):
-        check_error(result.error)
+    """`result`, its value-error flag checked now if :func:`_raise_now` says so (else it travels in the result)."""
+    _check_values(result.error, validate)
     return result
-
-
-class _Flagged(NamedTuple):
-    value: torch.Tensor
-    error: torch.Tensor
 
 
 def grpo_advantages(
@@ -177,7 +175,8 @@ def dynamic_sampling_mask(outcome: torch.Tensor, G: int, *, validate: bool = Tru
         keep, _, error = fused.group_counts(outcome, G, "finite" if outcome.is_floating_point() else None)
     else:
         keep, error = naive.dynamic_sampling_mask(outcome, G), naive.value_errors(outcome=outcome)
-    return _finish(_Flagged(keep, error), validate).value
+    _check_values(error, validate and outcome.is_floating_point())  # nothing to read for bool or integer values
+    return keep
 
 
 def pass_rate_buckets(correct: torch.Tensor, G: int, *, validate: bool = True) -> torch.Tensor:
@@ -188,4 +187,5 @@ def pass_rate_buckets(correct: torch.Tensor, G: int, *, validate: bool = True) -
         _, buckets, error = fused.group_counts(correct, G, "nan" if correct.is_floating_point() else None)
     else:
         buckets, error = naive.pass_rate_buckets(correct, G), naive.value_errors(correct=correct)
-    return _finish(_Flagged(buckets, error), validate).value
+    _check_values(error, validate and correct.is_floating_point())
+    return buckets
