@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
@@ -20,7 +19,8 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= max(n, 1) (plain integer arithmetic: cheap on the per-call host path)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -28,22 +28,22 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def require(cond: bool, msg: str) -> None:
-    """Raise ``ValueError(msg)`` unless `cond`: the one way bad input is reported."""
+def require(cond: bool, msg: str, *args) -> None:
+    """Raise ``ValueError(msg.format(*args))`` unless `cond`: the one way bad input is reported. With `args` the
+    message is only formatted on failure, so a check on a per-call path costs a comparison."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg.format(*args) if args else msg)
 
 
 def check_tensor(name: str, t, *, ndim: tuple[int, ...] | int | None = None, floating: bool | None = None) -> None:
     """Type, rank and dtype-kind check with a message naming the argument."""
-    require(isinstance(t, torch.Tensor), f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    require(isinstance(t, torch.Tensor), "`{}` must be a torch.Tensor, got {}", name, type(t).__name__)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else ndim
-        require(
-            t.dim() in allowed, f"`{name}` must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}"
-        )
+        if t.dim() not in allowed:
+            raise ValueError(f"`{name}` must have {' or '.join(map(str, allowed))} dims, got shape {tuple(t.shape)}")
     if floating is True:
-        require(t.is_floating_point(), f"`{name}` must be a floating tensor, got {t.dtype}")
+        require(t.is_floating_point(), "`{}` must be a floating tensor, got {}", name, t.dtype)
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
@@ -52,4 +52,4 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         return
     ref_name, ref = items[0]
     for name, t in items[1:]:
-        require(t.device == ref.device, f"`{name}` is on {t.device} but `{ref_name}` is on {ref.device}")
+        require(t.device == ref.device, "`{}` is on {} but `{}` is on {}", name, t.device, ref_name, ref.device)

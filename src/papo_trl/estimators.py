@@ -1,6 +1,8 @@
 """Advantages of every estimator from the rewards gathered across processes (group-contiguous rows).
 
-All the group statistics run in one call of a ``papo_kernels`` advantage function (the fused kernel on CUDA).
+All the group statistics run in one call of a ``papo_kernels`` advantage function (the fused kernel on CUDA),
+which does not synchronise: its value checks come back as ``Advantages.error``, for the caller to check where
+it synchronises anyway (``papo_kernels.advantages.check_error``; on CPU they raise at once).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ TRL_EPS = 1e-4  # TRL's GRPO / GDPO
 @dataclass
 class Advantages:
     """``total[N]`` is what the loss uses; ``outcome``/``process`` are PAPO's ``A_out``/``A_proc`` (``None`` for the
-    single-signal estimators) and ``process_active[num_groups]`` says where ``A_proc`` is non-zero."""
+    single-signal estimators) and ``process_active[num_groups]`` says where ``A_proc`` is non-zero. ``error`` is
+    the kernel's value-error flag (``papo_kernels.advantages.check_error`` raises on it)."""
 
     total: torch.Tensor
     outcome: torch.Tensor | None = None
     process: torch.Tensor | None = None
     process_active: torch.Tensor | None = None
+    error: torch.Tensor | None = None
 
 
 def weighted_nansum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -90,6 +94,7 @@ def compute_advantages(
             eps=PAPO_EPS if eps is None else eps,
             scale_by_std=estimator != "dr_grpo",
             process_norm="all" if estimator == "papo_fullnorm" else "correct",
+            validate=False,
         )
         zero = unscorable.to(out.total.device)
         return Advantages(
@@ -97,11 +102,12 @@ def compute_advantages(
             outcome=out.outcome.masked_fill(zero, 0.0),
             process=out.process.masked_fill(zero, 0.0),
             process_active=out.process_active,
+            error=out.error,
         )
     eps = TRL_EPS if eps is None else eps
     if estimator == "gdpo" or multi_objective_aggregation == "normalize_then_sum":
-        total = gdpo_advantages(rewards_per_func, G, weights=weights, eps=eps).advantages
+        out = gdpo_advantages(rewards_per_func, G, weights=weights, eps=eps, validate=False)
     else:
         scale = "none" if estimator == "dr_grpo" else scale_rewards
-        total = grpo_advantages(rewards_per_func, G, weights=weights, scale=scale, eps=eps).advantages
-    return Advantages(total=total)
+        out = grpo_advantages(rewards_per_func, G, weights=weights, scale=scale, eps=eps, validate=False)
+    return Advantages(total=out.advantages, error=out.error)

@@ -29,6 +29,7 @@ from trl.trainer.utils import (
 
 from papo_kernels import dynamic_sampling_mask
 from papo_kernels._runtime import use_triton
+from papo_kernels.advantages import check_error
 from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logps
 
 from .config import PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
@@ -234,6 +235,7 @@ class PAPOTrainer(GRPOTrainer):
             logged = torch.zeros(generated, device=adv.total.device)
             logged[origin] = adv.total
             self._logs["advantages"].extend(logged.tolist())
+        check_error(adv.error)  # the kernel's value checks, read once the logging above has synchronised
         metrics = advantage_metrics(adv, correct, valid)
         if process is not None:
             metrics.update(process_metrics(process, self.process_reward_func_names, correct))

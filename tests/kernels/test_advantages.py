@@ -39,8 +39,11 @@ def test_grpo_gdpo_match_reference(G, K, dtype, device):
     w = torch.linspace(0.5, 1.5, K, dtype=dtype, device=device)
     tol = TOL.get(dtype, TOL[torch.float32])
     for scale in ("group", "batch", "none"):
-        _assert_tuple_close(grpo_advantages(r, G, weights=w, scale=scale),
-                            naive.grpo_advantages(r.cpu(), G, weights=w.cpu(), scale=scale), **tol)
+        _assert_tuple_close(
+            grpo_advantages(r, G, weights=w, scale=scale),
+            naive.grpo_advantages(r.cpu(), G, weights=w.cpu(), scale=scale),
+            **tol,
+        )
     _assert_tuple_close(gdpo_advantages(r, G, weights=w), naive.gdpo_advantages(r.cpu(), G, weights=w.cpu()), **tol)
 
 
@@ -52,7 +55,7 @@ def test_papo_matches_reference(G, scale_by_std, process_norm, dtype, device):
     g = torch.Generator().manual_seed(G)
     N = G * 9
     outcome = (torch.rand(N, generator=g) < 0.5).to(dtype)
-    outcome[: G] = 1.0  # an all-correct group
+    outcome[:G] = 1.0  # an all-correct group
     process = torch.rand(N, generator=g, dtype=dtype).round(decimals=1)
     process[torch.rand(N, generator=g) < 0.1] = float("nan")
     correct = outcome > 0
@@ -64,8 +67,9 @@ def test_papo_matches_reference(G, scale_by_std, process_norm, dtype, device):
 def test_large_and_non_power_of_two_groups(device):
     for G in (1000, 1024):
         r = _rewards(2 * G, 2, torch.float32, device, seed=G)
-        _assert_tuple_close(grpo_advantages(r, G, scale="batch"), naive.grpo_advantages(r.cpu(), G, scale="batch"),
-                            **TOL[torch.float32])
+        _assert_tuple_close(
+            grpo_advantages(r, G, scale="batch"), naive.grpo_advantages(r.cpu(), G, scale="batch"), **TOL[torch.float32]
+        )
         o = (r[:, 0].nan_to_num() > 0).float()
         got = papo_advantages(o, r[:, 1], o, G)
         _assert_tuple_close(got, naive.papo_advantages(o.cpu(), r[:, 1].cpu(), o.cpu(), G), **TOL[torch.float32])
@@ -74,10 +78,12 @@ def test_large_and_non_power_of_two_groups(device):
 def test_sixteen_reward_columns(device):
     r = _rewards(8 * 5, 16, torch.float32, device, seed=16)
     w = torch.rand(16, generator=torch.Generator().manual_seed(0)).to(device)
-    _assert_tuple_close(grpo_advantages(r, 8, weights=w), naive.grpo_advantages(r.cpu(), 8, weights=w.cpu()),
-                        **TOL[torch.float32])
-    _assert_tuple_close(gdpo_advantages(r, 8, weights=w), naive.gdpo_advantages(r.cpu(), 8, weights=w.cpu()),
-                        **TOL[torch.float32])
+    _assert_tuple_close(
+        grpo_advantages(r, 8, weights=w), naive.grpo_advantages(r.cpu(), 8, weights=w.cpu()), **TOL[torch.float32]
+    )
+    _assert_tuple_close(
+        gdpo_advantages(r, 8, weights=w), naive.gdpo_advantages(r.cpu(), 8, weights=w.cpu()), **TOL[torch.float32]
+    )
 
 
 def test_worked_example(device):
@@ -119,10 +125,14 @@ def test_grpo_equals_trl_formula(scale, device):
     r[5] = float("nan")  # an unscorable row
     w = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, device=device)
     tol = dict(atol=1e-7, rtol=1e-7)  # TRL's nanstd computes its Bessel factor count / (count - 1) in fp32
-    torch.testing.assert_close(grpo_advantages(r, 8, weights=w, scale=scale).advantages.cpu(),
-                               trl_sum_then_normalize(r.cpu(), 8, w.cpu(), scale), **tol)
-    torch.testing.assert_close(gdpo_advantages(r, 8, weights=w).advantages.cpu(),
-                               trl_normalize_then_sum(r.cpu(), 8, w.cpu()), **tol)
+    torch.testing.assert_close(
+        grpo_advantages(r, 8, weights=w, scale=scale).advantages.cpu(),
+        trl_sum_then_normalize(r.cpu(), 8, w.cpu(), scale),
+        **tol,
+    )
+    torch.testing.assert_close(
+        gdpo_advantages(r, 8, weights=w).advantages.cpu(), trl_normalize_then_sum(r.cpu(), 8, w.cpu()), **tol
+    )
 
 
 groups = st.integers(2, 12).flatmap(
@@ -194,16 +204,34 @@ BAD = [
     (lambda d: grpo_advantages(torch.zeros(8, 2, device=d), 4, weights=torch.ones(3, device=d)), "`weights` has 3"),
     (lambda d: grpo_advantages(torch.zeros(8, device=d), 4, scale="prompt"), "`scale` must be"),
     (lambda d: gdpo_advantages(torch.zeros(8, device=d), 4, eps=-1.0), "`eps` must be"),
-    (lambda d: papo_advantages(torch.zeros(8, device=d), torch.zeros(4, device=d), torch.zeros(8, device=d), 4),
-     "`process` has shape"),
-    (lambda d: papo_advantages(torch.zeros(8, device=d), torch.zeros(8, dtype=torch.float64, device=d),
-                               torch.zeros(8, device=d), 4), "`process` has dtype"),
-    (lambda d: papo_advantages(torch.zeros(8, device=d), torch.zeros(8, device=d),
-                               torch.full((8,), float("nan"), device=d), 4), "`correct` contains NaN"),
-    (lambda d: papo_advantages(torch.full((8,), float("nan"), device=d), torch.zeros(8, device=d),
-                               torch.zeros(8, device=d), 4), "`outcome` must be finite"),
-    (lambda d: papo_advantages(torch.zeros(8, device=d), torch.zeros(8, device=d), torch.zeros(8, device=d), 4,
-                               process_norm="none"), "`process_norm` must be"),
+    (
+        lambda d: papo_advantages(torch.zeros(8, device=d), torch.zeros(4, device=d), torch.zeros(8, device=d), 4),
+        "`process` has shape",
+    ),
+    (
+        lambda d: papo_advantages(
+            torch.zeros(8, device=d), torch.zeros(8, dtype=torch.float64, device=d), torch.zeros(8, device=d), 4
+        ),
+        "`process` has dtype",
+    ),
+    (
+        lambda d: papo_advantages(
+            torch.zeros(8, device=d), torch.zeros(8, device=d), torch.full((8,), float("nan"), device=d), 4
+        ),
+        "`correct` contains NaN",
+    ),
+    (
+        lambda d: papo_advantages(
+            torch.full((8,), float("nan"), device=d), torch.zeros(8, device=d), torch.zeros(8, device=d), 4
+        ),
+        "`outcome` must be finite",
+    ),
+    (
+        lambda d: papo_advantages(
+            torch.zeros(8, device=d), torch.zeros(8, device=d), torch.zeros(8, device=d), 4, process_norm="none"
+        ),
+        "`process_norm` must be",
+    ),
     (lambda d: dynamic_sampling_mask(torch.tensor([1.0, float("nan")], device=d), 2), "`outcome` must be finite"),
     (lambda d: pass_rate_buckets(torch.zeros(6, device=d), 4), "not a multiple of the group size"),
     (lambda d: pass_rate_buckets(torch.tensor([float("nan"), 1.0], device=d), 2), "`correct` contains NaN"),
@@ -250,5 +278,8 @@ def test_one_launch_per_call(monkeypatch, device):
     dynamic_sampling_mask(o, 8, validate=False)
     pass_rate_buckets(o, 8, validate=False)
     assert {k: c.launches for k, c in counters.items()} == {
-        "_grpo_kernel": 1, "_gdpo_kernel": 1, "_papo_kernel": 1, "_group_count_kernel": 2,
+        "_grpo_kernel": 1,
+        "_gdpo_kernel": 1,
+        "_papo_kernel": 1,
+        "_group_count_kernel": 2,
     }

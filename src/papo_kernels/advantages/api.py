@@ -1,8 +1,21 @@
-"""Public advantage functions: validate, then route to the fused kernel or the torch reference.
+"""Public advantage functions: check the arguments, then route to the fused kernel or the torch reference.
 
 Inputs are per-response values laid out group-contiguously (``N = num_groups * G``), as TRL's
-``RepeatSampler`` produces them after the cross-process gather. Value checks (``validate=True``) cost one
-device synchronisation; pass ``validate=False`` on a hot path whose inputs are known to be clean.
+``RepeatSampler`` produces them after the cross-process gather.
+
+Which check happens where:
+
+* Argument checks (type, rank, dtype, shape, device, ``G``, ``N % G``, ``eps``, ``lambda_process``, ``scale``,
+  ``process_norm``) read host metadata only: a ``ValueError`` at call time, on every device, free.
+* Value checks (``+-inf`` rewards, non-finite weights, a non-finite ``outcome``, ``+-inf`` process scores, NaN in
+  ``correct``) are computed in the same kernel launch into the result's ``error`` flag (the torch reference
+  computes the same flag). On CPU it is read at once and raises at once, whatever ``validate`` says. On CUDA
+  ``validate=True`` (the default) reads it at once, one device synchronisation; ``validate=False`` never
+  synchronises: the result carries the flag and ``result.check()`` raises the same ``ValueError`` where the
+  caller synchronises anyway (``PAPOTrainer`` does it when it logs). ``dynamic_sampling_mask`` and
+  ``pass_rate_buckets`` return plain tensors: on CUDA with ``validate=False`` their value check is skipped.
+
+On CUDA a call is one Triton launch, no host synchronisation with ``validate=False``, and CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -11,39 +24,54 @@ import math
 
 import torch
 
-from .._runtime import check_same_device, check_tensor, compute_dtype, require, use_triton
+from .._runtime import check_same_device, check_tensor, require, use_triton
 from . import naive
 from . import triton as fused
-from .types import GroupAdvantages, PAPOAdvantages
+from .types import GroupAdvantages, PAPOAdvantages, check_error
 
 
 def _check_G(G, N: int, name: str) -> None:
-    require(isinstance(G, int) and not isinstance(G, bool) and G > 0, f"`G` must be a positive integer, got {G!r}")
-    require(N % G == 0, f"`{name}` has N={N} responses, which is not a multiple of the group size G={G}")
-    require(G <= fused.MAX_G, f"`G` must be at most {fused.MAX_G}, got {G}")
+    require(isinstance(G, int) and not isinstance(G, bool) and G > 0, "`G` must be a positive integer, got {!r}", G)
+    require(N % G == 0, "`{}` has N={} responses, which is not a multiple of the group size G={}", name, N, G)
+    require(G <= fused.MAX_G, "`G` must be at most {}, got {}", fused.MAX_G, G)
 
 
 def _check_eps(eps) -> None:
     require(
         isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0,
-        f"`eps` must be a finite float >= 0, got {eps!r}",
+        "`eps` must be a finite float >= 0, got {!r}",
+        eps,
     )
 
 
-def _check_rewards(rewards, G, weights, validate: bool) -> None:
+def _check_rewards(rewards, G, weights) -> None:
     check_tensor("rewards", rewards, ndim=(1, 2), floating=True)
     _check_G(G, rewards.shape[0], "rewards")
     if weights is not None:
         check_tensor("weights", weights, ndim=1, floating=True)
         K = rewards.shape[1] if rewards.dim() == 2 else 1
-        require(weights.shape[0] == K, f"`weights` has {weights.shape[0]} entries but `rewards` has {K} columns")
+        require(weights.shape[0] == K, "`weights` has {} entries but `rewards` has {} columns", weights.shape[0], K)
         check_same_device(rewards=rewards, weights=weights)
-    if validate:
-        require(not torch.isinf(rewards).any().item(), "`rewards` contains +-inf; mark an unscorable reward with NaN")
 
 
-def _route(*tensors: torch.Tensor) -> bool:
-    return tensors[0].numel() > 0 and use_triton(tensors[0])
+def _route(t: torch.Tensor) -> bool:
+    return t.numel() > 0 and use_triton(t)
+
+
+def _raise_now(error: torch.Tensor, validate: bool) -> bool:
+    """Whether to read the value-error flag now: always on CPU (free), on CUDA only if asked (a sync)."""
+    return validate or not error.is_cuda
+
+
+def _check_values(error: torch.Tensor, validate: bool) -> None:
+    if _raise_now(error, validate):
+        check_error(error)
+
+
+def _finish(result, validate: bool):
+    """`result`, its value-error flag checked now if :func:`_raise_now` says so (else it travels in the result)."""
+    _check_values(result.error, validate)
+    return result
 
 
 def grpo_advantages(
@@ -60,14 +88,15 @@ def grpo_advantages(
     ``r = nansum_k w_k r_k`` over the reward columns of ``rewards[N]`` or ``rewards[N, K]`` (a row whose columns
     are all NaN is unscorable), then per group ``A = (r - mean_g) / (std + eps)`` with ``std`` the group std
     (``scale="group"``), the batch std (``"batch"``) or no scaling (``"none"``). NaN rows get ``A = 0``.
-    Returns ``GroupAdvantages(advantages[N], mean[num_groups], std[num_groups])``.
+    Returns ``GroupAdvantages(advantages[N], mean[num_groups], std[num_groups], error)``; ``validate``: see the
+    module docstring.
     """
-    _check_rewards(rewards, G, weights, validate)
-    require(scale in ("group", "batch", "none"), f"`scale` must be 'group', 'batch' or 'none', got {scale!r}")
+    _check_rewards(rewards, G, weights)
+    require(scale in ("group", "batch", "none"), "`scale` must be 'group', 'batch' or 'none', got {!r}", scale)
     _check_eps(eps)
     if _route(rewards):
-        return fused.grpo_advantages(rewards, G, weights, scale, float(eps), compute_dtype(rewards))
-    return naive.grpo_advantages(rewards, G, weights=weights, scale=scale, eps=eps)
+        return _finish(fused.grpo_advantages(rewards, G, weights, scale, eps), validate)
+    return _finish(naive.grpo_advantages(rewards, G, weights=weights, scale=scale, eps=eps), validate)
 
 
 def gdpo_advantages(
@@ -82,13 +111,13 @@ def gdpo_advantages(
 
     Per reward column ``a_k = (r_k - mean_gk) / (std_gk + eps)`` within each group, ``a = nansum_k w_k a_k``, then
     over the whole batch ``A = (a - mean(a)) / (std(a) + eps)``. Unscorable rows (all NaN) get ``A = 0``.
-    Returns ``GroupAdvantages(advantages[N], mean[num_groups, K], std[num_groups, K])``.
+    Returns ``GroupAdvantages(advantages[N], mean[num_groups, K], std[num_groups, K], error)``.
     """
-    _check_rewards(rewards, G, weights, validate)
+    _check_rewards(rewards, G, weights)
     _check_eps(eps)
     if _route(rewards):
-        return fused.gdpo_advantages(rewards, G, weights, float(eps), compute_dtype(rewards))
-    return naive.gdpo_advantages(rewards, G, weights=weights, eps=eps)
+        return _finish(fused.gdpo_advantages(rewards, G, weights, eps), validate)
+    return _finish(naive.gdpo_advantages(rewards, G, weights=weights, eps=eps), validate)
 
 
 def papo_advantages(
@@ -111,82 +140,52 @@ def papo_advantages(
     answer cannot earn credit from the judge, and an all-correct group (``A_out = 0``) still has a signal.
     ``scale_by_std=False`` centres without scaling (Dr.GRPO). ``process_norm="all"`` normalises ``p`` over all
     ``G`` responses (the full-normalisation ablation). ``outcome`` must be finite; ``correct`` is non-zero for a
-    correct response.
+    correct response. ``validate``: see the module docstring.
     """
     check_tensor("outcome", outcome, ndim=1, floating=True)
     check_tensor("process", process, ndim=1, floating=True)
     check_tensor("correct", correct, ndim=1)
     _check_G(G, outcome.shape[0], "outcome")
     for name, t in (("process", process), ("correct", correct)):
-        require(
-            t.shape == outcome.shape,
-            f"`{name}` has shape {tuple(t.shape)}, expected {tuple(outcome.shape)} like `outcome`",
-        )
-    require(process.dtype == outcome.dtype, f"`process` has dtype {process.dtype} but `outcome` has {outcome.dtype}")
+        if t.shape != outcome.shape:
+            raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {tuple(outcome.shape)} like `outcome`")
+    require(process.dtype == outcome.dtype, "`process` has dtype {} but `outcome` has {}", process.dtype, outcome.dtype)
     check_same_device(outcome=outcome, process=process, correct=correct)
-    require(process_norm in ("correct", "all"), f"`process_norm` must be 'correct' or 'all', got {process_norm!r}")
+    require(process_norm in ("correct", "all"), "`process_norm` must be 'correct' or 'all', got {!r}", process_norm)
     require(
         isinstance(lambda_process, (int, float)) and math.isfinite(lambda_process),
-        f"`lambda_process` must be a finite float, got {lambda_process!r}",
-    )
+        "`lambda_process` must be a finite float, got {!r}", lambda_process,
+    )  # fmt: skip
     _check_eps(eps)
-    if validate:
-        bad = torch.stack(
-            [
-                ~torch.isfinite(outcome).all(),
-                torch.isinf(process).any(),
-                torch.isnan(correct).any()
-                if correct.is_floating_point()
-                else torch.zeros((), dtype=torch.bool, device=correct.device),
-            ]
-        ).tolist()
-        require(not bad[0], "`outcome` must be finite (NaN and +-inf are not allowed)")
-        require(not bad[1], "`process` contains +-inf; mark an unscored response with NaN")
-        require(not bad[2], "`correct` contains NaN; it must say for every response whether it is correct")
     if _route(outcome):
-        return fused.papo_advantages(
-            outcome,
-            process,
-            correct,
-            G,
-            float(lambda_process),
-            float(eps),
-            bool(scale_by_std),
-            process_norm,
-            compute_dtype(outcome),
-        )
-    return naive.papo_advantages(
-        outcome,
-        process,
-        correct,
-        G,
-        lambda_process=lambda_process,
-        eps=eps,
-        scale_by_std=scale_by_std,
-        process_norm=process_norm,
-    )
+        out = fused.papo_advantages(outcome, process, correct, G, lambda_process, eps, bool(scale_by_std), process_norm)
+    else:
+        out = naive.papo_advantages(
+            outcome, process, correct, G,
+            lambda_process=lambda_process, eps=eps, scale_by_std=scale_by_std, process_norm=process_norm,
+        )  # fmt: skip
+    return _finish(out, validate)
 
 
 def dynamic_sampling_mask(outcome: torch.Tensor, G: int, *, validate: bool = True) -> torch.Tensor:
     """DAPO dynamic sampling: ``keep[num_groups]``, True iff the group's outcome rewards are not all equal."""
     check_tensor("outcome", outcome, ndim=1)
     _check_G(G, outcome.shape[0], "outcome")
-    if validate and outcome.is_floating_point():
-        require(torch.isfinite(outcome).all().item(), "`outcome` must be finite (NaN and +-inf are not allowed)")
     if _route(outcome):
-        return fused.group_counts(outcome, G)[0]
-    return naive.dynamic_sampling_mask(outcome, G)
+        keep, _, error = fused.group_counts(outcome, G, "finite" if outcome.is_floating_point() else None)
+    else:
+        keep, error = naive.dynamic_sampling_mask(outcome, G), naive.value_errors(outcome=outcome)
+    _check_values(error, validate and outcome.is_floating_point())  # nothing to read for bool or integer values
+    return keep
 
 
 def pass_rate_buckets(correct: torch.Tensor, G: int, *, validate: bool = True) -> torch.Tensor:
     """DARO pass-rate buckets: ``k[num_groups]`` = number of correct responses per group (pass rate ``k / G``)."""
     check_tensor("correct", correct, ndim=1)
     _check_G(G, correct.shape[0], "correct")
-    if validate and correct.is_floating_point():
-        require(
-            not torch.isnan(correct).any().item(),
-            "`correct` contains NaN; it must say for every response whether it is correct",
-        )
     if _route(correct):
-        return fused.group_counts(correct, G)[1]
-    return naive.pass_rate_buckets(correct, G)
+        _, buckets, error = fused.group_counts(correct, G, "nan" if correct.is_floating_point() else None)
+    else:
+        buckets, error = naive.pass_rate_buckets(correct, G), naive.value_errors(correct=correct)
+    _check_values(error, validate and correct.is_floating_point())
+    return buckets

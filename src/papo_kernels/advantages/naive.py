@@ -3,12 +3,15 @@
 Rewards are laid out group-contiguously: rows ``g*G .. g*G+G-1`` are the ``G`` responses to prompt ``g``.
 Every std is the unbiased (Bessel, n-1) estimate over the non-NaN entries, NaN when fewer than two exist,
 exactly as TRL's ``nanstd``. NaN marks an unscorable reward (a reward function returned ``None``).
+Arithmetic is fp64 whatever the input dtype; results are fp64 for fp64 inputs, else fp32. Each result carries
+the value-error flag of :mod:`.types` (:func:`value_errors`), which the caller checks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import types
 from .types import GroupAdvantages, PAPOAdvantages
 
 
@@ -20,6 +23,33 @@ def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> to
     var = torch.where(count > 1, var * count / (count - 1).clamp(min=1), torch.full_like(var, float("nan")))
     std = var.sqrt()
     return std if keepdim else (std.squeeze(dim) if dim is not None else std.reshape(()))
+
+
+def value_errors(
+    *,
+    rewards: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    outcome: torch.Tensor | None = None,
+    process: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The value-error flag (int32 scalar): the bit of each failed check of :mod:`.types`, 0 for clean inputs."""
+    checks = []
+    if rewards is not None:
+        checks.append((types.REWARDS_INF, torch.isinf(rewards).any()))
+    if weights is not None:
+        checks.append((types.WEIGHTS_NONFINITE, ~torch.isfinite(weights).all()))
+    if outcome is not None and outcome.is_floating_point():
+        checks.append((types.OUTCOME_NONFINITE, ~torch.isfinite(outcome).all()))
+    if process is not None:
+        checks.append((types.PROCESS_INF, torch.isinf(process).any()))
+    if correct is not None and correct.is_floating_point():
+        checks.append((types.CORRECT_NAN, torch.isnan(correct).any()))
+    device = next(t.device for t in (rewards, outcome, correct) if t is not None)
+    flag = torch.zeros((), dtype=torch.int32, device=device)
+    for bit, failed in checks:
+        flag = flag | failed.to(torch.int32) * bit
+    return flag
 
 
 def _combine(rewards: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -50,7 +80,8 @@ def grpo_advantages(
     if scale != "none":
         adv = adv / (std[:, None] + eps)
     out = rewards.dtype if rewards.dtype == torch.float64 else torch.float32
-    return GroupAdvantages(torch.nan_to_num(adv.reshape(-1), nan=0.0).to(out), mean.to(out), std.to(out))
+    error = value_errors(rewards=rewards, weights=weights)
+    return GroupAdvantages(torch.nan_to_num(adv.reshape(-1), nan=0.0).to(out), mean.to(out), std.to(out), error)
 
 
 def gdpo_advantages(
@@ -72,7 +103,7 @@ def gdpo_advantages(
     batch_std = nanstd(a) if a.numel() > 1 else a.new_zeros(())
     adv = torch.nan_to_num((a - torch.nanmean(a)) / (batch_std + eps), nan=0.0)
     out = rewards.dtype if rewards.dtype == torch.float64 else torch.float32
-    return GroupAdvantages(adv.to(out), mean.to(out), std.to(out))
+    return GroupAdvantages(adv.to(out), mean.to(out), std.to(out), value_errors(rewards=rewards, weights=weights))
 
 
 def _gated_normalize(x: torch.Tensor, valid: torch.Tensor, eps: float, scale_by_std: bool):
@@ -128,6 +159,7 @@ def papo_advantages(
         process_std=p_std.to(out),
         num_correct=c.sum(dim=1).to(torch.int32),
         process_active=active,
+        error=value_errors(outcome=outcome, process=process, correct=correct),
     )
 
 
