@@ -10,12 +10,12 @@ Which check happens where:
 * Value checks (``+-inf`` rewards, non-finite weights, a non-finite ``outcome``, ``+-inf`` process scores, NaN in
   ``correct``) are computed in the same kernel launch into the result's ``error`` flag (the torch reference
   computes the same flag). On CPU it is read at once and raises at once, whatever ``validate`` says. On CUDA
-  ``validate=True`` (the default) reads it at once, one device synchronisation; ``validate=False`` never
-  synchronises: the result carries the flag and ``result.check()`` raises the same ``ValueError`` where the
-  caller synchronises anyway (``PAPOTrainer`` does it when it logs). ``dynamic_sampling_mask`` and
+  ``validate=False`` (the default) never synchronises: the result carries the flag and ``result.check()`` raises the same ``ValueError`` where the
+  caller synchronises anyway (``PAPOTrainer`` does it when it logs); ``validate=True`` reads it at once, one
+  device synchronisation. ``dynamic_sampling_mask`` and
   ``pass_rate_buckets`` return plain tensors: on CUDA with ``validate=False`` their value check is skipped.
 
-On CUDA a call is one Triton launch, no host synchronisation with ``validate=False``, and CUDA-graph capturable.
+On CUDA a call is one Triton launch, no host synchronisation (unless ``validate=True``), and CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def grpo_advantages(
     weights: torch.Tensor | None = None,
     scale: str = "group",
     eps: float = 1e-4,
-    validate: bool = True,
+    validate: bool = False,
 ) -> GroupAdvantages:
     """GRPO advantages, TRL's ``sum_then_normalize``.
 
@@ -105,7 +105,7 @@ def gdpo_advantages(
     *,
     weights: torch.Tensor | None = None,
     eps: float = 1e-4,
-    validate: bool = True,
+    validate: bool = False,
 ) -> GroupAdvantages:
     """GDPO advantages, TRL's ``normalize_then_sum``.
 
@@ -130,7 +130,7 @@ def papo_advantages(
     eps: float = 1e-6,
     scale_by_std: bool = True,
     process_norm: str = "correct",
-    validate: bool = True,
+    validate: bool = False,
 ) -> PAPOAdvantages:
     """PAPO's decoupled advantages: ``A_total = A_out + lambda_process * A_proc``.
 
@@ -167,7 +167,7 @@ def papo_advantages(
     return _finish(out, validate)
 
 
-def dynamic_sampling_mask(outcome: torch.Tensor, G: int, *, validate: bool = True) -> torch.Tensor:
+def dynamic_sampling_mask(outcome: torch.Tensor, G: int, *, validate: bool = False) -> torch.Tensor:
     """DAPO dynamic sampling: ``keep[num_groups]``, True iff the group's outcome rewards are not all equal."""
     check_tensor("outcome", outcome, ndim=1)
     _check_G(G, outcome.shape[0], "outcome")
@@ -179,7 +179,7 @@ def dynamic_sampling_mask(outcome: torch.Tensor, G: int, *, validate: bool = Tru
     return keep
 
 
-def pass_rate_buckets(correct: torch.Tensor, G: int, *, validate: bool = True) -> torch.Tensor:
+def pass_rate_buckets(correct: torch.Tensor, G: int, *, validate: bool = False) -> torch.Tensor:
     """DARO pass-rate buckets: ``k[num_groups]`` = number of correct responses per group (pass rate ``k / G``)."""
     check_tensor("correct", correct, ndim=1)
     _check_G(G, correct.shape[0], "correct")
