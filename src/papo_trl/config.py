@@ -52,7 +52,9 @@ class PAPOConfig(GRPOConfig):
             - `"papo_fullnorm"`: as `"papo"`, but `A_proc` is normalised over all responses of the group (ablation);
               every response is scored by the process reward functions.
             - `"grpo"`: TRL's GRPO advantages over the outcome rewards (`scale_rewards`,
-              `multi_objective_aggregation` and `reward_weights` apply as in [`~trl.GRPOTrainer`]).
+              `multi_objective_aggregation` and `reward_weights` apply as in [`~trl.GRPOTrainer`]). Without process
+              reward functions or `dynamic_sampling`, the trainer is [`~trl.GRPOTrainer`]: its advantages and its
+              logged metrics, with no `papo/*` diagnostics.
             - `"dr_grpo"`: Dr. GRPO, group-centred rewards without std scaling (`scale_rewards` is set to `"none"`);
               with process reward functions, PAPO's centring-only variant. Pair with `loss_type="dr_grpo"`.
             - `"gdpo"`: GDPO, each outcome reward normalised within its group, weighted sum, batch-normalised

@@ -4,7 +4,7 @@ Hook points in TRL 1.16: ``_calculate_rewards`` (score the process rewards of th
 gathered rewards), ``_generate_and_score_completions`` (dynamic-sampling rounds, then replace ``advantages`` by
 the estimator's, computed on the gathered rewards and sliced to this process exactly as TRL slices) and
 ``_compute_loss`` (the fused linear-head loss inside the model's forward, DARO's per-bucket weighting; TRL's own
-loss whenever neither applies).
+loss whenever neither applies). Without a PAPO option the advantages are TRL's own, untouched.
 """
 
 from __future__ import annotations
@@ -61,7 +61,9 @@ class PAPOTrainer(GRPOTrainer):
             called after the outcome `reward_funcs`, only for the correct responses when
             `args.process_reward_on_correct_only`; a `None` score leaves the response out of the process statistics.
 
-    With `advantage_estimator="grpo"` and no process functions it trains exactly as [`~trl.GRPOTrainer`].
+    Without process functions (and with the default `advantage_estimator="auto"`, or `"grpo"`) and without dynamic
+    sampling it trains exactly as [`~trl.GRPOTrainer`]: TRL's advantages, the same metric names and values (PAPO's
+    `papo/*` diagnostics are logged only when a PAPO option is used), the same loss (fused or TRL's own).
     """
 
     _tag_names = ["trl", "grpo", "papo"]

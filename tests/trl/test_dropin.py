@@ -22,16 +22,9 @@ from trl import GRPOConfig, GRPOTrainer
 
 from papo_trl import PAPOConfig, PAPOTrainer
 from papo_trl.config import unsupported_loss_options
-from tests.trl.tiny import (
-    digit_outcome_reward,
-    digit_process_reward,
-    tiny_args,
-    tiny_dataset,
-    tiny_model,
-    tiny_tokenizer,
-)
+from tests.trl import tiny
 
-TOKENIZER = tiny_tokenizer()
+TOKENIZER = tiny.tiny_tokenizer()
 TRAINER_ARGS = ("model", "reward_funcs", "eval_dataset", "peft_config")
 # 2 groups of 4 completions per generation, 2 optimiser steps on it: the second is off-policy (clipped ratios)
 COMMON = dict(per_device_train_batch_size=4, steps_per_generation=2, learning_rate=3e-2, max_steps=2)
@@ -54,7 +47,7 @@ def sparse_length_reward(completions, **kwargs) -> list[float | None]:
 
 async def async_digit_reward(completions, **kwargs) -> list[float]:
     await asyncio.sleep(0)
-    return digit_outcome_reward(completions)
+    return tiny.digit_outcome_reward(completions)
 
 
 def lora():
@@ -71,7 +64,7 @@ def peft_model(model_dir):
 
 
 def iterable_eval(_):
-    rows = list(tiny_dataset(2))
+    rows = list(tiny.tiny_dataset(2))
     return IterableDataset.from_generator(lambda: iter(rows))
 
 
@@ -79,7 +72,7 @@ def option(name, **overrides):
     return pytest.param(name, overrides, id=name)
 
 
-TWO_REWARDS = lambda _: [digit_outcome_reward, length_reward]  # noqa: E731
+TWO_REWARDS = lambda _: [tiny.digit_outcome_reward, length_reward]  # noqa: E731
 EVAL = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8)  # one evaluation, after step 2
 KL = dict(beta=0.1)
 
@@ -96,7 +89,7 @@ OPTIONS = [
     option("peft-model", model=peft_model),
     option("peft-config", peft_config=lambda _: lora()),
     option("eval-iterable", eval_dataset=iterable_eval, accelerator_config={"dispatch_batches": False}, **EVAL),
-    option("eval-dict", eval_dataset=lambda _: {"a": tiny_dataset(2), "b": tiny_dataset(4)}, **EVAL),
+    option("eval-dict", eval_dataset=lambda _: {"a": tiny.tiny_dataset(2), "b": tiny.tiny_dataset(4)}, **EVAL),
     option("num_iterations-2", num_iterations=2, max_steps=4),
     option("top_entropy_quantile", top_entropy_quantile=0.5),
     option("off_policy_mask_threshold", off_policy_mask_threshold=0.01),
@@ -124,7 +117,7 @@ def one_thread():
 def model_dir(tmp_path_factory):
     """The tiny model saved to disk, so that both trainers (and TRL's reference model) load the same weights."""
     path = tmp_path_factory.mktemp("tiny-qwen2")
-    tiny_model(TOKENIZER, seed=0).save_pretrained(path)
+    tiny.tiny_model(TOKENIZER, seed=0).save_pretrained(path)
     return str(path)
 
 
@@ -139,9 +132,9 @@ def train(trainer_class, config_class, overrides, model_dir, output_dir, **extra
     built = {k: v(model_dir) for k, v in overrides.items() if k in TRAINER_ARGS}
     trainer = trainer_class(
         model=built.pop("model", model_dir),
-        reward_funcs=built.pop("reward_funcs", [digit_outcome_reward]),
-        args=tiny_args(output_dir, config_class=config_class, **{**COMMON, **config, **extra}),
-        train_dataset=tiny_dataset(),
+        reward_funcs=built.pop("reward_funcs", [tiny.digit_outcome_reward]),
+        args=tiny.tiny_args(output_dir, config_class=config_class, **{**COMMON, **config, **extra}),
+        train_dataset=tiny.tiny_dataset(),
         processing_class=TOKENIZER,
         **built,
     )
@@ -195,24 +188,26 @@ def test_papo_trainer_trains_as_grpo_trainer(name, overrides, fused, model_dir, 
     assert_same_run(ours, grpo_runs[name], exact=not fused)
 
 
-def build(model_dir, tmp_path, process=(), **overrides):
+def build(model_dir, args, process=()):
     return PAPOTrainer(
         model=model_dir,
-        reward_funcs=digit_outcome_reward,
+        reward_funcs=tiny.digit_outcome_reward,
         process_reward_funcs=list(process),
-        args=tiny_args(tmp_path, **overrides),
-        train_dataset=tiny_dataset(),
+        args=args,
+        train_dataset=tiny.tiny_dataset(),
         processing_class=TOKENIZER,
     )
 
 
-@pytest.mark.parametrize("process, expected", [((), "grpo"), ((digit_process_reward,), "papo")])
+JUDGE = (tiny.digit_process_reward,)
+
+
+@pytest.mark.parametrize("process, expected", [((), "grpo"), (JUDGE, "papo")])
 def test_auto_estimator_is_resolved_logged_and_saved(model_dir, tmp_path, caplog, process, expected):
-    args = tiny_args(tmp_path, use_fused_loss=False)
+    args = tiny.tiny_args(tmp_path, use_fused_loss=False)
     assert args.advantage_estimator == "auto"
     with caplog.at_level(logging.INFO, logger="papo_trl.trainer"):
-        trainer = PAPOTrainer(model=model_dir, reward_funcs=digit_outcome_reward, process_reward_funcs=list(process),
-                              args=args, train_dataset=tiny_dataset(), processing_class=TOKENIZER)  # fmt: skip
+        trainer = build(model_dir, args, process)
     lines = [r.getMessage() for r in caplog.records if "advantage_estimator" in r.getMessage()]
     assert len(lines) == 1 and f"resolved to {expected!r}" in lines[0]
     assert trainer.args.advantage_estimator == expected and args.advantage_estimator == "auto"
@@ -222,9 +217,7 @@ def test_auto_estimator_is_resolved_logged_and_saved(model_dir, tmp_path, caplog
 
 
 def test_grpo_config_with_process_rewards_resolves_to_papo(model_dir, tmp_path):
-    trainer = PAPOTrainer(model=model_dir, reward_funcs=digit_outcome_reward, process_reward_funcs=digit_process_reward,
-                          args=tiny_args(tmp_path, config_class=GRPOConfig), train_dataset=tiny_dataset(),
-                          processing_class=TOKENIZER)  # fmt: skip
+    trainer = build(model_dir, tiny.tiny_args(tmp_path, config_class=GRPOConfig), JUDGE)
     assert isinstance(trainer.args, PAPOConfig) and trainer.args.advantage_estimator == "papo"
 
 
@@ -233,11 +226,11 @@ def test_grpo_config_with_process_rewards_resolves_to_papo(model_dir, tmp_path):
     [
         ({"advantage_estimator": "papo"}, (), ("advantage_estimator='papo'", "process_reward_funcs")),
         ({"advantage_estimator": "papo_fullnorm"}, (), ("advantage_estimator='papo_fullnorm'", "process_reward_funcs")),
-        ({"scale_rewards": "batch"}, (digit_process_reward,), ("advantage_estimator='auto'", "scale_rewards='group'")),
-        ({"scale_rewards": False}, (digit_process_reward,), ("advantage_estimator='auto'", "scale_rewards='group'")),
+        ({"scale_rewards": "batch"}, JUDGE, ("advantage_estimator='auto'", "scale_rewards='group'", "'batch'")),
+        ({"scale_rewards": False}, JUDGE, ("advantage_estimator='auto'", "scale_rewards='group'", "'none'")),
     ],
 )
 def test_papo_without_what_it_needs_raises_naming_both_options(model_dir, tmp_path, overrides, process, names):
     with pytest.raises(ValueError) as err:
-        build(model_dir, tmp_path, process, **overrides)
+        build(model_dir, tiny.tiny_args(tmp_path, **overrides), process)
     assert all(name in str(err.value) for name in names), str(err.value)
