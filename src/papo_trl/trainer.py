@@ -330,15 +330,15 @@ class PAPOTrainer(GRPOTrainer):
 
     def _log_loss_metrics(self, output, inputs, mask, mode: str) -> None:
         """The loss metrics TRL logs, under its names and with its reductions over processes: token-weighted means
-        (sequence-weighted for sequence-level clip fractions), ``policy_loss`` and ``entropy_coef`` with an entropy
-        bonus only, and the extreme per-sequence clip fractions."""
+        (sequence-weighted for per-sequence values: VESPO's weight, sequence-level clip fractions), ``policy_loss``
+        and ``entropy_coef`` with an entropy bonus only, and the extreme per-sequence clip fractions."""
         sequence_level = self._loss_config.importance_sampling_level == "sequence"
         count = mask.sum().float()
         for key, value in output.metrics.items():
             if key == "policy_loss" and not self._entropy_bonus_enabled:
                 continue
             weight = torch.ones_like(count) if key == "policy_loss" else count
-            if sequence_level and "clip_ratio" in key:
+            if key == "vespo/phi_seq_mean" or (sequence_level and "clip_ratio" in key):  # one value per sequence
                 weight = torch.full_like(count, mask.shape[0])
             totals = self.accelerator.reduce(torch.stack([value.float() * weight, weight]), reduction="sum")
             self._metrics[mode][key].append((totals[0] / totals[1].clamp(min=1.0)).item())

@@ -75,11 +75,12 @@ def option(name, **overrides):
 TWO_REWARDS = lambda _: [tiny.digit_outcome_reward, length_reward]  # noqa: E731
 EVAL = dict(eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8)  # one evaluation, after step 2
 KL = dict(beta=0.1)
+TWICE = dict(num_iterations=2, max_steps=4)  # the second pass over a generation batch clips more
+GSPO = dict(loss_type="grpo", epsilon=0.05)  # sequence-level ratios move less than token ones
 
 OPTIONS = [
-    option("defaults"),
-    *(option(f"loss_type-{t}", loss_type=t) for t in ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")),
-    option("loss_type-vespo", loss_type="vespo"),
+    option("defaults"),  # loss_type="dapo"
+    *(option(f"loss_type-{t}", loss_type=t) for t in ("grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")),
     *(option(f"scale_rewards-{s}", scale_rewards=s) for s in (True, False, "group", "batch", "none")),
     option("sum_then_normalize", reward_funcs=TWO_REWARDS, multi_objective_aggregation="sum_then_normalize"),
     option("normalize_then_sum", reward_funcs=TWO_REWARDS, multi_objective_aggregation="normalize_then_sum"),
@@ -90,7 +91,7 @@ OPTIONS = [
     option("peft-config", peft_config=lambda _: lora()),
     option("eval-iterable", eval_dataset=iterable_eval, accelerator_config={"dispatch_batches": False}, **EVAL),
     option("eval-dict", eval_dataset=lambda _: {"a": tiny.tiny_dataset(2), "b": tiny.tiny_dataset(4)}, **EVAL),
-    option("num_iterations-2", num_iterations=2, max_steps=4),
+    option("num_iterations-2", **TWICE),
     option("top_entropy_quantile", top_entropy_quantile=0.5),
     option("off_policy_mask_threshold", off_policy_mask_threshold=0.01),
     option("entropy_coef", entropy_coef=0.01),
@@ -98,7 +99,7 @@ OPTIONS = [
     option("beta", **KL),
     option("use_bias_correction_kl", use_bias_correction_kl=True, **KL),
     option("delta", delta=1.2, epsilon_high=0.28),
-    option("importance_sampling_level-sequence", importance_sampling_level="sequence", loss_type="grpo"),
+    option("importance_sampling_level-sequence", importance_sampling_level="sequence", **GSPO, **TWICE),
     option("sync_ref_model", sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5, **KL),
 ]
 
