@@ -139,7 +139,7 @@ class PAPOTrainer(GRPOTrainer):
         if args.advantage_estimator in PROCESS_ESTIMATORS and not self.process_reward_funcs:
             raise ValueError(
                 f"`advantage_estimator={args.advantage_estimator!r}` needs `process_reward_funcs` (e.g. a rubric "
-                "judge); pass them, or use `advantage_estimator='grpo'`"
+                "judge); pass them, or leave `advantage_estimator` at 'auto' (TRL's GRPO without them)"
             )
         index = args.correctness_reward_index
         if index is not None and index >= len(self.reward_funcs):
