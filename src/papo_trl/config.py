@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-ADVANTAGE_ESTIMATORS = ("papo", "papo_fullnorm", "grpo", "dr_grpo", "gdpo", "daro")
+AUTO = "auto"
+ADVANTAGE_ESTIMATORS = (AUTO, "papo", "papo_fullnorm", "grpo", "dr_grpo", "gdpo", "daro")
 PROCESS_ESTIMATORS = ("papo", "papo_fullnorm")
 KERNEL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 
@@ -37,16 +39,22 @@ class PAPOConfig(GRPOConfig):
     Parameters:
         > Parameters that control the advantages
 
-        advantage_estimator (`str`, *optional*, defaults to `"papo"`):
+        advantage_estimator (`str`, *optional*, defaults to `"auto"`):
             How advantages are computed from the rewards gathered across all processes:
 
+            - `"auto"`: `"papo"` when the trainer is given `process_reward_funcs`, else `"grpo"` (TRL's GRPO, every
+              `GRPOConfig` option with its TRL meaning and default). The trainer logs the resolution once and keeps
+              the resolved name in its `args` (a copy; the config passed in is left as it was), so a saved config
+              records it.
             - `"papo"`: PAPO's decoupled advantages `A = A_out + lambda_process * A_proc`. `A_out` normalises the
               outcome reward over the group; `A_proc` normalises the process reward over the group's *correct*
               responses only (zero for incorrect ones). Needs `process_reward_funcs`.
             - `"papo_fullnorm"`: as `"papo"`, but `A_proc` is normalised over all responses of the group (ablation);
               every response is scored by the process reward functions.
             - `"grpo"`: TRL's GRPO advantages over the outcome rewards (`scale_rewards`,
-              `multi_objective_aggregation` and `reward_weights` apply as in [`~trl.GRPOTrainer`]).
+              `multi_objective_aggregation` and `reward_weights` apply as in [`~trl.GRPOTrainer`]). Without process
+              reward functions or `dynamic_sampling`, the trainer is [`~trl.GRPOTrainer`]: its advantages and its
+              logged metrics, with no `papo/*` diagnostics.
             - `"dr_grpo"`: Dr. GRPO, group-centred rewards without std scaling (`scale_rewards` is set to `"none"`);
               with process reward functions, PAPO's centring-only variant. Pair with `loss_type="dr_grpo"`.
             - `"gdpo"`: GDPO, each outcome reward normalised within its group, weighted sum, batch-normalised
@@ -107,9 +115,10 @@ class PAPOConfig(GRPOConfig):
     """
 
     advantage_estimator: str = field(
-        default="papo",
+        default=AUTO,
         metadata={
-            "help": "Advantage estimator: 'papo', 'papo_fullnorm', 'grpo', 'dr_grpo', 'gdpo' or 'daro'.",
+            "help": "Advantage estimator: 'auto' (papo with process_reward_funcs, else grpo), 'papo', "
+            "'papo_fullnorm', 'grpo', 'dr_grpo', 'gdpo' or 'daro'.",
             "choices": list(ADVANTAGE_ESTIMATORS),
         },
     )
@@ -209,21 +218,37 @@ class PAPOConfig(GRPOConfig):
             )
 
 
+def resolve_estimator(estimator: str, has_process: bool) -> str:
+    """The estimator `advantage_estimator` names: ``"auto"`` is ``"papo"`` with process reward functions, else
+    ``"grpo"``."""
+    return ("papo" if has_process else "grpo") if estimator == AUTO else estimator
+
+
 def as_papo_config(args, model, has_process: bool) -> PAPOConfig:
-    """``None`` -> a default ``PAPOConfig`` (PAPO with process functions, else GRPO); a plain ``GRPOConfig`` ->
-    the same settings as a ``PAPOConfig`` with ``advantage_estimator="grpo"``."""
-    if isinstance(args, PAPOConfig):
-        return args
+    """The trainer's config: `args` (``None`` -> a default ``PAPOConfig``; a plain ``GRPOConfig`` -> the same
+    settings as a ``PAPOConfig``), with ``advantage_estimator="auto"`` resolved in a copy (see
+    :func:`resolve_estimator`) and checked against the other options."""
     if args is None:
         name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
-        estimator = "papo" if has_process else "grpo"
-        return PAPOConfig(f"{name.split('/')[-1]}-PAPO", advantage_estimator=estimator)
-    if not isinstance(args, GRPOConfig):
-        raise ValueError(f"`args` must be a PAPOConfig (or a GRPOConfig), got {type(args).__name__}")
-    config = PAPOConfig.__new__(PAPOConfig)
-    config.__dict__.update(args.__dict__)
-    for f in dataclasses.fields(PAPOConfig):
-        if f.name not in config.__dict__:
-            setattr(config, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-    config.advantage_estimator = "grpo"
-    return config
+        args = PAPOConfig(f"{name.split('/')[-1]}-PAPO")
+    elif not isinstance(args, PAPOConfig):
+        if not isinstance(args, GRPOConfig):
+            raise ValueError(f"`args` must be a PAPOConfig (or a GRPOConfig), got {type(args).__name__}")
+        config = PAPOConfig.__new__(PAPOConfig)
+        config.__dict__.update(args.__dict__)
+        for f in dataclasses.fields(PAPOConfig):
+            if f.name not in config.__dict__:
+                setattr(config, f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        args = config
+    if args.advantage_estimator != AUTO:
+        return args
+    args = copy.copy(args)
+    args.advantage_estimator = resolve_estimator(AUTO, has_process)
+    try:
+        args._check_estimator_options()
+    except ValueError as err:
+        raise ValueError(
+            f"`advantage_estimator='auto'` resolves to {args.advantage_estimator!r} because `process_reward_funcs` "
+            f"are given, and {err}; or set `advantage_estimator='grpo'` to only log the process rewards"
+        ) from None
+    return args

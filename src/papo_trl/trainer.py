@@ -4,7 +4,7 @@ Hook points in TRL 1.16: ``_calculate_rewards`` (score the process rewards of th
 gathered rewards), ``_generate_and_score_completions`` (dynamic-sampling rounds, then replace ``advantages`` by
 the estimator's, computed on the gathered rewards and sliced to this process exactly as TRL slices) and
 ``_compute_loss`` (the fused linear-head loss inside the model's forward, DARO's per-bucket weighting; TRL's own
-loss whenever neither applies).
+loss whenever neither applies). Without a PAPO option the advantages are TRL's own, untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from trl.extras.profiling import profiling_context
 from trl.trainer.utils import (
     get_callable_name,
     is_async_callable,
+    nanmax,
+    nanmin,
     shutdown_event_loop_in_daemon,
     start_event_loop_in_daemon,
 )
@@ -32,7 +34,7 @@ from papo_kernels._runtime import use_triton
 from papo_kernels.advantages import check_error
 from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logps
 
-from .config import PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
+from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
 from .daro import DAROController
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
 from .estimators import compute_advantages, correctness, fill_unscorable, weighted_nansum
@@ -60,7 +62,9 @@ class PAPOTrainer(GRPOTrainer):
             called after the outcome `reward_funcs`, only for the correct responses when
             `args.process_reward_on_correct_only`; a `None` score leaves the response out of the process statistics.
 
-    With `advantage_estimator="grpo"` and no process functions it trains exactly as [`~trl.GRPOTrainer`].
+    Without process functions (and with the default `advantage_estimator="auto"`, or `"grpo"`) and without dynamic
+    sampling it trains exactly as [`~trl.GRPOTrainer`]: TRL's advantages, the same metric names and values (PAPO's
+    `papo/*` diagnostics are logged only when a PAPO option is used), the same loss (fused or TRL's own).
     """
 
     _tag_names = ["trl", "grpo", "papo"]
@@ -79,8 +83,16 @@ class PAPOTrainer(GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args=None, *trl_args, process_reward_funcs=None, **trl_kwargs):
         process_reward_funcs = check_process_reward_funcs(process_reward_funcs)
+        requested = getattr(args, "advantage_estimator", AUTO)  # None and a plain GRPOConfig mean "auto"
         args = as_papo_config(args, model, bool(process_reward_funcs))
         super().__init__(model, reward_funcs, args, *trl_args, **trl_kwargs)
+        if requested == AUTO:
+            logger.info(
+                f"advantage_estimator='auto' resolved to {args.advantage_estimator!r} ("
+                + ("process_reward_funcs given: PAPO)" if process_reward_funcs else
+                   "no process_reward_funcs: TRL's GRPO; pass process_reward_funcs for PAPO)"),
+                main_process_only=True,
+            )  # fmt: skip
         self.process_reward_funcs = process_reward_funcs
         self.process_reward_func_names = [get_callable_name(f) for f in process_reward_funcs]
         weights = args.process_reward_weights or [1.0] * len(process_reward_funcs)
@@ -119,13 +131,16 @@ class PAPOTrainer(GRPOTrainer):
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             add_fused_policy_loss_head(base, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
         self._round_rewards = None
+        # without a PAPO option, TRL's own advantages and metrics: GRPOTrainer's exactly
+        papo_options = (bool(process_reward_funcs), args.advantage_estimator != "grpo", args.dynamic_sampling)
+        self._papo_advantages = any(papo_options)
 
     def _check_trainer_args(self) -> None:
         args = self.args
         if args.advantage_estimator in PROCESS_ESTIMATORS and not self.process_reward_funcs:
             raise ValueError(
                 f"`advantage_estimator={args.advantage_estimator!r}` needs `process_reward_funcs` (e.g. a rubric "
-                "judge); pass them, or use `advantage_estimator='grpo'`"
+                "judge); pass them, or leave `advantage_estimator` at 'auto' (TRL's GRPO without them)"
             )
         index = args.correctness_reward_index
         if index is not None and index >= len(self.reward_funcs):
@@ -169,6 +184,8 @@ class PAPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------ batches
     def _generate_and_score_completions(self, inputs):
+        if not self._papo_advantages:
+            return super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
         G = self.num_generations if mode == "train" else self.num_generations_eval
         dynamic = self._prompt_stream is not None and mode == "train"
@@ -276,7 +293,7 @@ class PAPOTrainer(GRPOTrainer):
         if aux_loss is not None and self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
-        self._log_loss_metrics(output, mask, mode)
+        self._log_loss_metrics(output, inputs, mask, mode)
         if scale is not None and mode == "train":
             self._daro.accumulate(output.sequence_loss, mask.sum(dim=1), inputs["daro_bucket"])
             if self.accelerator.sync_gradients:
@@ -313,13 +330,46 @@ class PAPOTrainer(GRPOTrainer):
         output = loss_from_logps(logps, entropy, mask, inputs["advantages"], config=self._loss_config, **loss_kwargs)
         return output, aux_loss
 
-    def _log_loss_metrics(self, output, mask, mode: str) -> None:
-        """Token-weighted means over all processes, under TRL's metric names."""
+    def _log_loss_metrics(self, output, inputs, mask, mode: str) -> None:
+        """The loss metrics TRL logs, under its names and with its reductions over processes: token-weighted means
+        (sequence-weighted for per-sequence values: VESPO's weight, sequence-level clip fractions), ``policy_loss``
+        and ``entropy_coef`` with an entropy bonus only, and the extreme per-sequence clip fractions."""
+        sequence_level = self._loss_config.importance_sampling_level == "sequence"
         count = mask.sum().float()
         for key, value in output.metrics.items():
+            if key == "policy_loss" and not self._entropy_bonus_enabled:
+                continue
             weight = torch.ones_like(count) if key == "policy_loss" else count
+            if key == "vespo/phi_seq_mean" or (sequence_level and "clip_ratio" in key):  # one value per sequence
+                weight = torch.full_like(count, mask.shape[0])
             totals = self.accelerator.reduce(torch.stack([value.float() * weight, weight]), reduction="sum")
             self._metrics[mode][key].append((totals[0] / totals[1].clamp(min=1.0)).item())
+        if self._entropy_bonus_enabled and mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        if "clip_ratio/low_mean" in output.metrics:
+            low, high = self._sequence_clip_fractions(output.per_token_logps, inputs, mask)
+            self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low)).item())
+            self._metrics[mode]["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high)).item())
+
+    def _sequence_clip_fractions(self, logps, inputs, mask):
+        """Per sequence, the fraction of tokens whose ratio ``r = exp(logp - old_logp)`` (capped at `delta`) is
+        clipped below (``r < 1 - epsilon_low`` and ``A < 0``) and above (``r > 1 + epsilon_high`` and ``A > 0``); one
+        flag per sequence for sequence-level importance sampling. NaN for an empty sequence."""
+        config = self._loss_config
+        old = inputs.get("old_per_token_logps")
+        log_ratio = torch.zeros_like(logps) if old is None else torch.where(mask.bool(), logps - old, 0.0)
+        if config.importance_sampling_level == "sequence":
+            log_ratio = (log_ratio.sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        ratio = torch.exp(log_ratio)
+        if config.delta is not None:  # TRL flags the ratio after the two-sided cap
+            ratio = ratio.clamp(max=config.delta)
+        advantages = inputs["advantages"]
+        advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+        low = ((ratio < 1 - config.epsilon_low) & (advantages < 0)).float()
+        high = ((ratio > 1 + config.eps_high) & (advantages > 0)).float()
+        if ratio.shape[1] == 1:
+            return low.squeeze(1), high.squeeze(1)
+        return (low * mask).sum(-1) / mask.sum(-1), (high * mask).sum(-1) / mask.sum(-1)
 
     # ------------------------------------------------------------------------------------------------ logs and state
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -11,7 +11,7 @@ from tests.trl.tiny import tiny_args
 
 def test_defaults_and_grpo_fields_kept(tmp_path):
     args = tiny_args(tmp_path)
-    assert args.advantage_estimator == "papo"
+    assert args.advantage_estimator == "auto"  # resolved by the trainer: papo with process rewards, else grpo
     assert args.lambda_process == 1.0 and args.advantage_epsilon is None
     assert args.correct_threshold == 1.0 and args.correctness_reward_index == 0
     assert args.process_reward_on_correct_only and args.use_fused_loss and not args.dynamic_sampling
@@ -56,7 +56,8 @@ def test_estimator_sets_its_trl_options(tmp_path, estimator, field, expected):
         ({"daro_learning_rate": 0.0}, "daro_learning_rate"),
         ({"daro_max_weight": 0.5}, "daro_max_weight"),
         ({"daro_init_weight": 1000.0}, "daro_init_weight"),
-        ({"advantage_estimator": "papo", "scale_rewards": "batch"}, "scale_rewards"),
+        ({"advantage_estimator": "papo", "scale_rewards": "batch"}, "advantage_estimator='papo'.*scale_rewards"),
+        ({"advantage_estimator": "papo_fullnorm", "scale_rewards": False}, "advantage_estimator.*scale_rewards"),
         ({"advantage_estimator": "daro", "loss_type": "vespo"}, "loss_type"),
         ({"advantage_estimator": "daro", "top_entropy_quantile": 0.2}, "top_entropy_quantile"),
     ],
@@ -64,6 +65,31 @@ def test_estimator_sets_its_trl_options(tmp_path, estimator, field, expected):
 def test_bad_values_raise(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny_args(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("scale_rewards", [True, False, "group", "batch", "none"])
+def test_default_keeps_every_trl_option(tmp_path, scale_rewards):
+    """`PAPOConfig()` takes every `GRPOConfig` value as TRL does: nothing is checked against PAPO before the trainer
+    knows whether there are process rewards."""
+    args = tiny_args(tmp_path, scale_rewards=scale_rewards, multi_objective_aggregation="normalize_then_sum")
+    grpo = tiny_args(tmp_path, config_class=GRPOConfig, scale_rewards=scale_rewards)
+    assert args.advantage_estimator == "auto" and args.scale_rewards == grpo.scale_rewards
+    assert args.multi_objective_aggregation == "normalize_then_sum"
+
+
+@pytest.mark.parametrize("has_process, expected", [(False, "grpo"), (True, "papo")])
+def test_auto_resolves_in_a_copy(tmp_path, has_process, expected):
+    args = tiny_args(tmp_path)
+    resolved = as_papo_config(args, model=None, has_process=has_process)
+    assert resolved.advantage_estimator == expected and args.advantage_estimator == "auto"
+    assert resolved is not args and resolved.to_dict() == {**args.to_dict(), "advantage_estimator": expected}
+    assert as_papo_config(resolved, model=None, has_process=not has_process) is resolved  # explicit: kept
+
+
+def test_auto_with_process_rewards_and_other_scaling_raises(tmp_path):
+    with pytest.raises(ValueError, match="advantage_estimator='auto'.*scale_rewards='group'.*'batch'"):
+        as_papo_config(tiny_args(tmp_path, scale_rewards="batch"), model=None, has_process=True)
+    assert as_papo_config(tiny_args(tmp_path, scale_rewards="batch"), None, has_process=False).scale_rewards == "batch"
 
 
 def test_grpo_config_becomes_grpo_estimator(tmp_path):

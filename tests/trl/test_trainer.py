@@ -231,7 +231,7 @@ def _iterable():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"process": ()}, "process_reward_funcs"),
+        ({"process": (), "advantage_estimator": "papo"}, "advantage_estimator='papo'.*process_reward_funcs"),
         ({"correctness_reward_index": 1}, "correctness_reward_index"),
         ({"process_reward_weights": [1.0, 2.0]}, "process_reward_weights"),
         ({"process": ("judge-model-id",)}, "process_reward_funcs"),

@@ -1,5 +1,6 @@
 """Two CPU processes: groups straddle processes, yet advantages equal the single-process ones on the gathered
-rewards, dynamic sampling stays in lockstep and DARO's weights stay identical. The test launches this file with
+rewards, dynamic sampling stays in lockstep, DARO's weights stay identical and, without a PAPO option, the logs are
+GRPOTrainer's. The test launches this file with
 ``accelerate launch --multi_gpu --num_processes 2`` (torch's elastic launcher: ``--cpu`` alone starts one process
 unless MPI is configured); ``use_cpu=True`` makes it two gloo processes on CPU. Run as a script, it is one worker.
 """
@@ -42,6 +43,7 @@ def test_two_processes_match_single_process(tmp_path):
     assert ranks[0]["rounds"] == ranks[1]["rounds"] and max(ranks[0]["rounds"]) >= 2
     assert ranks[0]["daro_weights"] == ranks[1]["daro_weights"]
     assert ranks[0]["daro_weights"] != [1.0] * (G - 1)
+    assert ranks[0]["dropin"] == ranks[1]["dropin"] > 0  # clipped sequences logged as GRPOTrainer logs them
 
 
 def _worker(out_dir: str) -> None:
@@ -93,8 +95,37 @@ def _worker(out_dir: str) -> None:
     daro = trainer("daro", advantage_estimator="daro", daro_learning_rate=0.2)
     daro.train()
     report["daro_weights"] = daro._daro.weights.weights.detach().tolist()
+    report["dropin"] = _dropin(out_dir, tokenizer)
     rank = papo.accelerator.process_index
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _dropin(out_dir: str, tokenizer) -> int:
+    """Without a PAPO option, PAPOTrainer logs what GRPOTrainer logs over two processes, with TRL's loss and the
+    fused one (sequence-level ratios: per-sequence clip fractions reduced over processes). Returns the number of
+    logged steps with clipped sequences."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from papo_trl import PAPOConfig, PAPOTrainer
+    from tests.trl.test_dropin import assert_same_run, weights
+    from tests.trl.tiny import digit_outcome_reward, tiny_args, tiny_dataset, tiny_model
+
+    options = dict(per_device_train_batch_size=PER_DEVICE, num_generations=G, max_steps=4, steps_per_generation=2,
+                   num_iterations=2, learning_rate=3e-2, epsilon=0.05, loss_type="grpo",
+                   importance_sampling_level="sequence")  # fmt: skip
+
+    def train(trainer_class, config_class, name, **extra):
+        args = tiny_args(Path(out_dir) / name, config_class=config_class, **options, **extra)
+        trainer = trainer_class(model=tiny_model(tokenizer), reward_funcs=digit_outcome_reward, args=args,
+                                train_dataset=tiny_dataset(), processing_class=tokenizer)  # fmt: skip
+        trainer.initial_weights = weights(trainer)
+        trainer.train()
+        return trainer
+
+    reference = train(GRPOTrainer, GRPOConfig, "grpo")
+    for fused in (False, True):
+        assert_same_run(train(PAPOTrainer, PAPOConfig, f"dropin-{fused}", use_fused_loss=fused), reference, not fused)
+    return sum(log.get("clip_ratio/region_mean", 0.0) > 0 for log in reference.state.log_history)
 
 
 if __name__ == "__main__":
