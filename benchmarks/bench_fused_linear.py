@@ -38,7 +38,7 @@ HEADS = {"qwen2.5-7b": (3584, 152064), "qwen2.5-0.5b": (896, 151936)}
 SWEEP = (4096, 16384)
 QUICK_HEADS, QUICK = {"tiny": (32, 512)}, (64,)
 TOL_LOSS, TOL_GRAD = 1e-3, 2e-2
-METHOD_LIMIT_S = 75
+METHOD_LIMIT_S = 60
 
 
 def make_inputs(tokens: int, D: int, V: int, device: str, seq: int):

@@ -322,6 +322,7 @@ class Results:
                 fn = make()
                 before = compile_count()
                 out = fn()
+                sync()  # an asynchronous CUDA error surfaces here, in the method that caused it
                 row["compiles"] = compile_count() - before
                 if check is not None:
                     row.update(check(out))

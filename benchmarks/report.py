@@ -51,6 +51,9 @@ def load(folder: Path) -> dict[str, dict]:
     out = {}
     for f in sorted(folder.glob("*.json")):
         data = json.loads(f.read_text())
+        for row in data.get("rows", []):
+            if row.get("status") == "running":  # the stage's time limit or a fatal error ended the process here
+                row["status"] = "killed: the process ended during this measurement"
         if data.get("rows"):
             out[data.get("benchmark", f.stem)] = data
     return out
