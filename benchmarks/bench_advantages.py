@@ -30,7 +30,7 @@ from papo_kernels import gdpo_advantages, grpo_advantages, papo_advantages
 from papo_kernels.advantages import naive
 
 SWEEP = [(N, G) for N in (1024, 65536, 262144) for G in (8, 16)]
-QUICK = [(256, 8)]
+QUICK = [(64, 8)]
 TOL = 1e-5
 VERL_MAX_N = 1024
 

@@ -140,7 +140,7 @@ def _children_cpu() -> float:
 
 
 def _tail(text: str, lines: int) -> str:
-    keep = [ln for ln in text.splitlines() if "Warning" not in ln and ln.strip()]
+    keep = [ln for ln in text.splitlines() if ln.strip() and "Warning" not in ln and not ln.startswith("  ")]
     return "\n".join("   | " + ln[:160] for ln in keep[-lines:])
 
 
@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {summary['total_s']} s of a {args.budget:.0f} s budget; tests: {summary['tests']}")
     if report.exists():
         print(f"report: {report}")
+    if (device_dir / "HEADLINE.md").exists():
+        print((device_dir / "HEADLINE.md").read_text())
     if args.out:
         print(f"packed {pack(Path(args.out), device_dir, report)}")
     failed = [e["stage"] for e in summary["stages"] if str(e.get("status", "ok")) not in ("ok", "resumed")

@@ -285,6 +285,8 @@ class Results:
     """One benchmark's result file, rewritten after every row; ``resume`` keeps the rows a dead process wrote."""
 
     def __init__(self, name: str, *, resume: bool = False, **meta):
+        gc.collect()
+        gc.freeze()  # everything imported so far: later collections (one per row) skip it and take milliseconds
         self.path = results_dir() / f"{name}.json"
         self.data = {"benchmark": name, "env": device_info(), **meta, "rows": []}
         if resume and self.path.exists():

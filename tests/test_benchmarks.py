@@ -3,6 +3,7 @@
 Real numbers come from a GPU (``bash benchmarks/gpu_check.sh``); here the kernels run through Triton's interpreter.
 """
 
+import gc
 import json
 import os
 import subprocess
@@ -124,7 +125,8 @@ def test_linear_reference_is_the_exact_loss_and_gradients():
 @pytest.fixture
 def results_root(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "RESULTS", tmp_path)
-    return tmp_path
+    yield tmp_path
+    gc.unfreeze()  # Results freezes the objects alive when it starts
 
 
 def test_rows_record_failures_and_resume(results_root):
@@ -163,6 +165,23 @@ def test_stage_limits_and_resume(tmp_path):
     late = gpu_check.Runner(30, dict(os.environ), tmp_path)
     optional = late.run(gpu_check.Stage("e2e", 30, [sys.executable, "-c", "pass"], optional=True), reserve=0)
     assert optional["status"] == "out of time" and optional["attempts"] == 0
+
+
+def test_datasets_stand_in_where_datasets_does_not_import(tmp_path, monkeypatch):
+    """A datasets that fails to import (say, too old a pyarrow) is replaced by the stand-in, and TRL's trainer
+    utilities, which the TRL peers need, import with it."""
+    broken = tmp_path / "broken" / "datasets"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('pyarrow is too old')\n")
+    monkeypatch.setattr(gpu_check, "WHEELS", tmp_path / "no-wheels")
+    env = gpu_check.child_env(cuda=False)
+    env["PYTHONPATH"] = os.pathsep.join([str(broken.parent), env["PYTHONPATH"]])
+    entry = gpu_check.install_wheels(env, tmp_path)
+    assert "pyarrow is too old" in entry["import_errors"]["datasets"]
+    assert entry["import_errors"]["trl.trainer.utils"] is None and env["PAPO_DATASETS_STAND_IN"] == "1"
+    out = subprocess.run([sys.executable, "-c", "import datasets; print(datasets.__version__)"], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.stdout.strip() == "0.0.0+stand-in"
 
 
 def _row(method, ms, **kw):
