@@ -13,7 +13,8 @@ Methods:
   eager        full bf16 logits h @ W^T, TRL's torch log-probs/entropy and the eager loss (where it fits)
 
 Parity: loss, d_hidden and d_weight against the exact loss of the same bf16 inputs (fp32 GEMMs without TF32,
-token chunks; benchmarks/reference.py). Tolerance for parity_ok: 1e-3 on the loss, 2e-2 on each gradient.
+token chunks; benchmarks/reference.py). Tolerance for parity_ok: 5e-3 on the loss, 2e-2 on each gradient
+(what rounding the logits to bf16 costs).
 Floor: the 6 N D V flops of three GEMMs (logits, d_hidden, d_weight) at the measured bf16 matmul rate.
 A peer that recompiles under torch.compile gets status "recompiles"; one that raises gets "crashed: ...".
 
@@ -37,7 +38,7 @@ CFG = PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01)
 HEADS = {"qwen2.5-7b": (3584, 152064), "qwen2.5-0.5b": (896, 151936)}
 SWEEP = (4096, 16384)
 QUICK_HEADS, QUICK = {"tiny": (32, 512)}, (64,)
-TOL_LOSS, TOL_GRAD = 1e-3, 2e-2
+TOL_LOSS, TOL_GRAD = 5e-3, 2e-2  # bf16-rounded logits are within them
 METHOD_LIMIT_S = 60
 
 

@@ -94,7 +94,7 @@ def methods(x, ids, mask, adv, ref, triton_peers: bool) -> dict:
         table["trl_kernel"] = (lambda: with_grad(x, lambda: eager_loss(*trl_kernel_logps_entropy(x, ids, mask))),
                                CFG, None)  # fmt: skip
         if liger_available():
-            table["liger"] = (liger, without_entropy_bonus(CFG), "no entropy term (bonus and metric)")
+            table["liger"] = (liger, without_entropy_bonus(CFG), "no entropy term; gradient written into its logits")
     return table
 
 
