@@ -28,7 +28,14 @@ from functools import partial
 
 import torch
 from harness import Results, arg_parser, floors, flops_floor_ms, free_memory, on_cuda, rel_err, wanted
-from peers import liger_available, liger_fused_linear_grpo_loss, trl_chunked_logps_entropy, trl_eager_logps_entropy
+from peers import (
+    liger_available,
+    liger_fused_linear_grpo_loss,
+    print_skipped_peers,
+    trl_available,
+    trl_chunked_logps_entropy,
+    trl_eager_logps_entropy,
+)
 from reference import linear_reference, without_entropy_bonus
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss
@@ -37,7 +44,7 @@ from papo_kernels.loss import loss_from_logps
 CFG = PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01)
 HEADS = {"qwen2.5-7b": (3584, 152064), "qwen2.5-0.5b": (896, 151936)}
 SWEEP = (4096, 16384)
-QUICK_HEADS, QUICK = {"tiny": (32, 512)}, (64,)
+QUICK_HEADS, QUICK = {"tiny": (32, 512)}, (32,)
 TOL_LOSS, TOL_GRAD = 5e-3, 2e-2  # bf16-rounded logits are within them
 METHOD_LIMIT_S = 60
 
@@ -73,11 +80,10 @@ def methods(h, w, ids, mask, adv, ref, with_eager: bool) -> dict:
         return with_grads(lambda: loss(h, w, ids, mask, adv, ref))
 
     fused = lambda: fused_linear_policy_loss(h, w, ids, mask, adv, ref_logps=ref, config=CFG).loss  # noqa: E731
-    table = {
-        "fused": (lambda: with_grads(fused), CFG, None),
-        "trl_chunked": (lambda: with_grads(lambda: eager_loss(*trl_chunked_logps_entropy(h, w, ids, mask))), CFG,
-                        None),
-    }  # fmt: skip
+    table = {"fused": (lambda: with_grads(fused), CFG, None)}
+    if trl_available():
+        table["trl_chunked"] = (lambda: with_grads(lambda: eager_loss(*trl_chunked_logps_entropy(h, w, ids, mask))),
+                                CFG, None)  # fmt: skip
     if on_cuda() and liger_available():
         table["liger"] = (liger, without_entropy_bonus(CFG), "no entropy term (bonus and metric)")
     if with_eager:
@@ -103,8 +109,9 @@ def parity_check(h, w, ids, mask, adv, ref):
 def main() -> None:
     args = arg_parser(__doc__).parse_args()
     device = "cuda" if on_cuda() else "cpu"
-    if on_cuda() and not liger_available():
-        print("note: liger_kernel is not installed: the Liger peer is skipped (pip install liger-kernel)")
+    print_skipped_peers()
+    if not on_cuda():
+        print("note: the Liger peer runs on CUDA only (torch.compile)")
     fl = floors(args.quick)
     results = Results("fused_linear", resume=args.resume, config=CFG.__dict__, floors=fl,
                       tolerance={"loss": TOL_LOSS, "grad": TOL_GRAD})  # fmt: skip

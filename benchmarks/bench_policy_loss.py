@@ -26,12 +26,18 @@ Every row also records GPU and wall time, kernels, copies, host syncs, peak memo
 
 from __future__ import annotations
 
-import importlib.util
 from functools import partial
 
 import torch
 from harness import Results, arg_parser, bytes_floor_ms, floors, free_memory, interpreted, on_cuda, wanted
-from peers import liger_available, liger_grpo_loss, trl_eager_logps_entropy, trl_kernel_logps_entropy
+from peers import (
+    liger_available,
+    liger_grpo_loss,
+    print_skipped_peers,
+    trl_available,
+    trl_eager_logps_entropy,
+    trl_kernel_logps_entropy,
+)
 from reference import LogitsReference, without_entropy_bonus
 
 from papo_kernels import PolicyLossConfig, policy_loss
@@ -90,11 +96,11 @@ def methods(x, ids, mask, adv, ref, triton_peers: bool) -> dict:
         "fused_inplace": (inplace, CFG, "gradient written into (a copy of) the logits"),
         "trl_eager": (lambda: with_grad(x, lambda: eager_loss(*trl_eager_logps_entropy(x, ids))), CFG, None),
     }  # fmt: skip
-    if triton_peers:
+    if triton_peers and trl_available():
         table["trl_kernel"] = (lambda: with_grad(x, lambda: eager_loss(*trl_kernel_logps_entropy(x, ids, mask))),
                                CFG, None)  # fmt: skip
-        if liger_available():
-            table["liger"] = (liger, without_entropy_bonus(CFG), "no entropy term; gradient written into its logits")
+    if triton_peers and liger_available():
+        table["liger"] = (liger, without_entropy_bonus(CFG), "no entropy term; gradient written into its logits")
     return table
 
 
@@ -107,12 +113,7 @@ def main() -> None:
     args = arg_parser(__doc__).parse_args()
     device = "cuda" if on_cuda() else "cpu"
     triton_peers = on_cuda() or interpreted()
-    if triton_peers and not liger_available():
-        print("note: liger_kernel is not installed: the Liger peer is skipped (pip install liger-kernel)")
-    if not triton_peers:
-        print("note: no CUDA and no TRITON_INTERPRET=1: the Triton peers are skipped")
-    if importlib.util.find_spec("trl") is None:
-        raise SystemExit("trl is required for the TRL peers (pip install -e '.[trl]')")
+    print_skipped_peers(triton_peers)
     fl = floors(args.quick)
     results = Results("policy_loss", resume=args.resume, config=CFG.__dict__, floors=fl,
                       tolerance={"loss": TOL_LOSS, "grad": TOL_GRAD})  # fmt: skip

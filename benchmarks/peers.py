@@ -101,6 +101,21 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+def trl_available() -> bool:
+    return importlib.util.find_spec("trl") is not None
+
+
+def print_skipped_peers(triton_peers: bool = True) -> None:
+    """Say which peers this run leaves out and why (a missing package, or no device for Triton kernels)."""
+    if not triton_peers:
+        print("note: no CUDA and no TRITON_INTERPRET=1: the Triton peers (TRL's kernel, Liger) are skipped")
+        return
+    if not trl_available():
+        print("note: trl is not installed: TRL's kernel and chunked-head peers are skipped (pip install -e '.[trl]')")
+    if not liger_available():
+        print("note: liger_kernel is not installed: the Liger peer is skipped (pip install liger-kernel)")
+
+
 def _accepted(fn, **kwargs) -> dict:
     """The keyword arguments that ``fn``'s signature takes (Liger's and TRL's change across versions)."""
     params = inspect.signature(fn).parameters
