@@ -1,22 +1,38 @@
-"""Group advantages: the fused kernel vs the torch reference vs the eager code RL frameworks run.
+"""Group advantages (PAPO, GRPO, GDPO): one call of ours vs the torch reference and the eager code RL frameworks run.
 
-Peers: ``trl_eager`` is TRL 1.16's ``sum_then_normalize`` / ``normalize_then_sum`` code as written in
-``GRPOTrainer._generate_and_score_completions``; ``verl_loop`` is the per-group Python loop of verl's
-``compute_grpo_outcome_advantage`` (which PAPO's official code builds on), run for small N only.
-Reports microseconds per call and CUDA kernel launches per call.
+Sweep (fits the GPU check's budget): N = 1,024, 65,536 and 262,144 responses x G = 8 and 16; three reward
+columns for GRPO/GDPO (one with 1% NaN), outcome/process/correct for PAPO.
 
-    python benchmarks/bench_advantages.py            # full sweep (GPU)
-    python benchmarks/bench_advantages.py --quick    # smoke test (any device)
+Methods:
+  fused            the public call as a trainer makes it (input checks included)
+  fused_unchecked  the same with validate=False, where the signature has it
+  torch_reference  papo_kernels.advantages.naive (the specification)
+  trl_eager        TRL 1.16's sum_then_normalize (GRPO) / normalize_then_sum (GDPO), as written in GRPOTrainer
+  verl_loop        verl's per-group Python loop (which PAPO's official code builds on), N = 1,024 only
+
+Parity: each result against the torch reference on fp64 copies of the inputs (norm-relative; parity_ok under
+1e-5). Floor: reading the inputs and writing every output once at the measured copy rate; at these sizes a
+call is bound by launches and host syncs, which the kernels/copies/syncs columns and wall_ms show.
+
+    python benchmarks/bench_advantages.py            # the sweep (GPU)
+    python benchmarks/bench_advantages.py --quick    # tiny shapes, any device (CI smoke test)
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from harness import arg_parser, count_launches, time_ms, write_result
+from harness import Results, arg_parser, bytes_floor_ms, floors, on_cuda, rel_err, tensor_bytes, wanted
 from peers import trl_normalize_then_sum, trl_sum_then_normalize
 
 from papo_kernels import gdpo_advantages, grpo_advantages, papo_advantages
 from papo_kernels.advantages import naive
+
+SWEEP = [(N, G) for N in (1024, 65536, 262144) for G in (8, 16)]
+QUICK = [(64, 8)]
+TOL = 1e-5
+VERL_MAX_N = 1024
 
 
 def verl_loop(outcome: torch.Tensor, process: torch.Tensor, correct: torch.Tensor, G: int, eps: float = 1e-6):
@@ -39,29 +55,6 @@ def verl_loop(outcome: torch.Tensor, process: torch.Tensor, correct: torch.Tenso
     return adv
 
 
-def check_parity(o, p, c, r, G) -> None:
-    """The fused results must equal the peers before any of them is timed."""
-    torch.testing.assert_close(grpo_advantages(r, G).advantages, trl_sum_then_normalize(r, G), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gdpo_advantages(r, G).advantages, trl_normalize_then_sum(r, G), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(papo_advantages(o, p, c, G).total, naive.papo_advantages(o, p, c, G).total)
-
-
-def make_cases(o, p, c, r, G, with_loop: bool) -> dict:
-    cases = {
-        "papo/fused": lambda: papo_advantages(o, p, c, G, validate=False),
-        "papo/torch_reference": lambda: naive.papo_advantages(o, p, c, G),
-        "grpo/fused": lambda: grpo_advantages(r, G, validate=False),
-        "grpo/torch_reference": lambda: naive.grpo_advantages(r, G),
-        "grpo/trl_eager": lambda: trl_sum_then_normalize(r, G),
-        "gdpo/fused": lambda: gdpo_advantages(r, G, validate=False),
-        "gdpo/torch_reference": lambda: naive.gdpo_advantages(r, G),
-        "gdpo/trl_eager": lambda: trl_normalize_then_sum(r, G),
-    }
-    if with_loop:
-        cases["papo/verl_loop"] = lambda: verl_loop(o, p, c, G)
-    return cases
-
-
 def make_inputs(N: int, G: int, device: str):
     g = torch.Generator(device="cpu").manual_seed(N + G)
     outcome = (torch.rand(N, generator=g) < 0.4).float()
@@ -71,24 +64,57 @@ def make_inputs(N: int, G: int, device: str):
     return [t.to(device) for t in (outcome, process, outcome > 0, rewards)]
 
 
+def cases(o, p, c, r, G: int) -> dict:
+    """estimator -> (inputs, fp64 reference advantages, {method: callable})."""
+    unchecked = "validate" in inspect.signature(papo_advantages).parameters
+    nv = {"validate": False} if unchecked else None
+    papo = {"fused": lambda: papo_advantages(o, p, c, G),
+            "torch_reference": lambda: naive.papo_advantages(o, p, c, G)}  # fmt: skip
+    grpo = {"fused": lambda: grpo_advantages(r, G), "trl_eager": lambda: trl_sum_then_normalize(r, G),
+            "torch_reference": lambda: naive.grpo_advantages(r, G)}  # fmt: skip
+    gdpo = {"fused": lambda: gdpo_advantages(r, G), "trl_eager": lambda: trl_normalize_then_sum(r, G),
+            "torch_reference": lambda: naive.gdpo_advantages(r, G)}  # fmt: skip
+    if nv:
+        papo["fused_unchecked"] = lambda: papo_advantages(o, p, c, G, **nv)
+        grpo["fused_unchecked"] = lambda: grpo_advantages(r, G, **nv)
+        gdpo["fused_unchecked"] = lambda: gdpo_advantages(r, G, **nv)
+    if o.shape[0] <= VERL_MAX_N:
+        papo["verl_loop"] = lambda: verl_loop(o, p, c, G)
+    d = lambda t: t.double()  # noqa: E731
+    return {
+        "papo": ((o, p, c), naive.papo_advantages(d(o), d(p), c, G).total, papo),
+        "grpo": ((r,), naive.grpo_advantages(d(r), G).advantages, grpo),
+        "gdpo": ((r,), naive.gdpo_advantages(d(r), G).advantages, gdpo),
+    }
+
+
+def main_output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.total if hasattr(out, "total") else out.advantages
+
+
 def main() -> None:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    Ns = [1024] if args.quick else [1024, 4096, 16384, 65536, 262144]
-    Gs = [8] if args.quick else [4, 8, 16, 64]
-    rows = []
-    for G in Gs:
-        for N in Ns:
-            o, p, c, r = make_inputs(N, G, device)
-            check_parity(o, p, c, r, G)
-            cases = make_cases(o, p, c, r, G, with_loop=N <= 4096)
-            for name, fn in cases.items():
-                est, method = name.split("/")
-                us = time_ms(fn, quick=args.quick) * 1e3
-                rows.append(dict(estimator=est, method=method, N=N, G=G, us_per_call=us, launches=count_launches(fn)))
-                print(f"{est:5s} {method:16s} N={N:7d} G={G:3d} {us:10.1f} us  launches={rows[-1]['launches']}")
-    path = write_result("advantages", {"rows": rows})
-    print(f"wrote {path}")
+    args = arg_parser(__doc__).parse_args()
+    device = "cuda" if on_cuda() else "cpu"
+    fl = floors(args.quick)
+    results = Results("advantages", resume=args.resume, floors=fl, tolerance=TOL)
+    for N, G in QUICK if args.quick else SWEEP:
+        o, p, c, r = make_inputs(N, G, device)
+        for estimator, (inputs, exact, methods) in cases(o, p, c, r, G).items():
+            moved = tensor_bytes(inputs) + tensor_bytes(methods["fused"]())
+            for name, fn in methods.items():
+                if not wanted(args, name):
+                    continue
+
+                def check(out, exact=exact):
+                    err = rel_err(main_output(out), exact)
+                    return {"rel_err": err, "parity_ok": err <= TOL}
+
+                key = dict(estimator=estimator, method=name, N=N, G=G)
+                results.run(key, lambda fn=fn: fn, quick=args.quick, check=check, rep=20,
+                            floor_ms=bytes_floor_ms(moved, fl), limit_s=60)  # fmt: skip
+    print(f"wrote {results.path}")
 
 
 if __name__ == "__main__":
