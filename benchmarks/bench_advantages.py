@@ -4,8 +4,8 @@ Sweep (fits the GPU check's budget): N = 1,024, 65,536 and 262,144 responses x G
 columns for GRPO/GDPO (one with 1% NaN), outcome/process/correct for PAPO.
 
 Methods:
-  fused            the public call as a trainer makes it (input checks included)
-  fused_unchecked  the same with validate=False, where the signature has it
+  fused            the public call as a trainer makes it (argument checks; value checks carried in a flag, no sync)
+  fused_validated  the same with validate=True: the value-error flag read at once (one host sync)
   torch_reference  papo_kernels.advantages.naive (the specification)
   trl_eager        TRL 1.16's sum_then_normalize (GRPO) / normalize_then_sum (GDPO), as written in GRPOTrainer
   verl_loop        verl's per-group Python loop (which PAPO's official code builds on), N = 1,024 only
@@ -66,8 +66,8 @@ def make_inputs(N: int, G: int, device: str):
 
 def cases(o, p, c, r, G: int) -> dict:
     """estimator -> (inputs, fp64 reference advantages, {method: callable})."""
-    unchecked = "validate" in inspect.signature(papo_advantages).parameters
-    nv = {"validate": False} if unchecked else None
+    checked = "validate" in inspect.signature(papo_advantages).parameters
+    nv = {"validate": True} if checked else None
     papo = {"fused": lambda: papo_advantages(o, p, c, G),
             "torch_reference": lambda: naive.papo_advantages(o, p, c, G)}  # fmt: skip
     grpo = {"fused": lambda: grpo_advantages(r, G), "trl_eager": lambda: trl_sum_then_normalize(r, G),
@@ -75,9 +75,9 @@ def cases(o, p, c, r, G: int) -> dict:
     gdpo = {"fused": lambda: gdpo_advantages(r, G), "trl_eager": lambda: trl_normalize_then_sum(r, G),
             "torch_reference": lambda: naive.gdpo_advantages(r, G)}  # fmt: skip
     if nv:
-        papo["fused_unchecked"] = lambda: papo_advantages(o, p, c, G, **nv)
-        grpo["fused_unchecked"] = lambda: grpo_advantages(r, G, **nv)
-        gdpo["fused_unchecked"] = lambda: gdpo_advantages(r, G, **nv)
+        papo["fused_validated"] = lambda: papo_advantages(o, p, c, G, **nv)
+        grpo["fused_validated"] = lambda: grpo_advantages(r, G, **nv)
+        gdpo["fused_validated"] = lambda: gdpo_advantages(r, G, **nv)
     if o.shape[0] <= VERL_MAX_N:
         papo["verl_loop"] = lambda: verl_loop(o, p, c, G)
     d = lambda t: t.double()  # noqa: E731
