@@ -176,9 +176,11 @@ def test_zero3_gather_hook_wraps_the_head(monkeypatch):
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a one-rank gloo mesh over CPU tensors")
 def test_dtensor_head(tmp_path):
-    """FSDP2 exposes the head as a DTensor: it is gathered with full_tensor() and its gradient flows back."""
+    """A head that is an FSDP2 unit of its own is a DTensor shard in the forward: it is gathered, its gradient flows
+    back to the shard. A DTensor head outside FSDP (tensor parallelism) is refused, naming the option."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -187,7 +189,8 @@ def test_dtensor_head(tmp_path):
         model = tiny()
         sharded = copy.deepcopy(model)
         add_fused_policy_loss_head(sharded)
-        sharded.lm_head.weight = torch.nn.Parameter(distribute_tensor(sharded.lm_head.weight.data, mesh, [Shard(0)]))
+        fully_shard(sharded.lm_head, mesh=mesh)
+        assert isinstance(sharded.lm_head.weight, DTensor)
         cfg = PolicyLossConfig(loss_type="grpo", entropy_coef=0.01)
         input_ids, attention_mask, inputs = batch(cfg)
         ref = eager(model, input_ids, attention_mask, inputs)
@@ -198,5 +201,12 @@ def test_dtensor_head(tmp_path):
         grad = sharded.lm_head.weight.grad
         assert isinstance(grad, DTensor)
         torch.testing.assert_close(grad.full_tensor(), model.lm_head.weight.grad)
+
+        tensor_parallel = copy.deepcopy(model)
+        add_fused_policy_loss_head(tensor_parallel)
+        weight = distribute_tensor(tensor_parallel.lm_head.weight.data, mesh, [Shard(0)])
+        tensor_parallel.lm_head.weight = torch.nn.Parameter(weight)
+        with pytest.raises(ValueError, match="use_fused_loss"):
+            tensor_parallel(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
     finally:
         dist.destroy_process_group()
