@@ -350,7 +350,7 @@ class PAPOTrainer(GRPOTrainer):
         path = None if checkpoint is None else os.path.join(checkpoint, PAPO_STATE_NAME)
         if path is None or not os.path.isfile(path):
             return
-        state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves it to the device
         if self._daro is not None and "daro" in state:
             self._daro.load_state_dict(state["daro"])
         if self._prompt_stream is not None and "prompt_stream" in state:
