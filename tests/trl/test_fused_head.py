@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -172,6 +174,36 @@ def test_zero3_gather_hook_wraps_the_head(monkeypatch):
     model = tiny(tie=True)
     compare(model, PolicyLossConfig())
     assert len(seen) == 1 and seen[0][0].shape == (V, SMALL["hidden_size"])
+
+
+class HeadShapedTensors(TorchDispatchMode):
+    """Records every aten op that produces a tensor of the LM head's shape ``[V, D]`` (an accumulator, a gradient)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.ops = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape for t in pytree.tree_leaves(out)):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_head_gets_no_weight_gradient_and_no_accumulator(frozen):
+    """A frozen head (PEFT freezes it, and the tied input embeddings): forward and backward produce no tensor of
+    the head's shape at all, so neither a weight gradient nor its fp32 accumulator is allocated."""
+    model = tiny(tie=True)
+    add_fused_policy_loss_head(model)
+    model.lm_head.weight.requires_grad_(not frozen)  # tied: the input embeddings' weight too
+    input_ids, attention_mask, inputs = batch(PolicyLossConfig(loss_type="grpo", entropy_coef=0.01))
+    with HeadShapedTensors(model.lm_head.weight.shape) as seen:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
+        out.loss.backward()
+    assert (model.lm_head.weight.grad is None) == frozen
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None  # the rest of the model still trains
+    assert bool(seen.ops) != frozen, seen.ops  # trainable: the accumulator and the gradient show up
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="a one-rank gloo mesh over CPU tensors")
