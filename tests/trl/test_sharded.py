@@ -5,8 +5,9 @@ For TRL's loss (``use_fused_loss=False``), the fused linear-head loss (tied head
 gathers) and the fused loss with an untied head that is sharded on its own (a DTensor under FSDP2, a partitioned
 parameter under ZeRO-3), and DARO with gradient accumulation: the per-step loss, gradient norm and entropy, the
 gathered advantages and the final weights equal the single-process run's within 1e-4; the head is gathered once
-per step. Under FSDP2, a DARO run resumed from its step-2 checkpoint gets back its DARO weights and optimiser state
-and continues the uninterrupted curve. Setups that cannot work fail at start-up on both processes, naming the option.
+per step (ZeRO-3 may gather it once more, for the backward), never per token chunk. Under FSDP2, a DARO run
+resumed from its step-2 checkpoint gets back its DARO weights and optimiser state and continues the uninterrupted
+curve. Setups that cannot work fail at start-up on both processes, naming the option.
 The worker is ``sharded_run.py``.
 """
 
