@@ -5,10 +5,19 @@
 hidden states that predict the completion tokens and hands them with the LM head to
 ``papo_kernels.fused_linear_policy_loss`` (no ``[B, T, V]`` logits, gradients computed in the forward). Without
 ``policy_loss_inputs`` the forward is the previous one (generation, TRL's own fused head), so it composes with
-TRL's patch. Running inside the forward is what makes the head's weight usable under FSDP2 (a DTensor, gathered
-with ``full_tensor()``, whose backward reduce-scatters the gradient) and DeepSpeed ZeRO-3 (gathered with TRL's
-``maybe_gather_lm_head_ctx``; the gradients are computed while it is gathered). Tied embeddings need nothing
-special; with PEFT, patch the base model before wrapping it, as TRL does (a frozen head gets no weight gradient).
+TRL's patch. Running inside the forward is what makes the head's weight usable when it is sharded, and the head is
+gathered once per forward (per micro-batch), never per token chunk nor again in the backward, because the
+gradients are computed in the forward:
+
+- FSDP2: when the head belongs to the unit that the backbone unshards (accelerate puts it with the final norm), it
+  is a plain tensor here and FSDP2 reduce-scatters its gradient; when it is an FSDP unit of its own, it is still a
+  ``DTensor`` shard here and :func:`gather_sharded_head` all-gathers it, its backward reduce-scattering the
+  gradient, averaged over the ranks as FSDP2 averages.
+- DeepSpeed ZeRO-3: gathered with TRL's ``maybe_gather_lm_head_ctx`` (a no-op where it is already available, e.g.
+  tied to the input embeddings); ZeRO-3's hooks reduce the gradient returned by the backward.
+
+Tied embeddings need nothing special; with PEFT, patch the base model before wrapping it, as TRL does (a frozen
+head gets no weight gradient and no accumulator).
 The head's logit scale and final-logit softcapping are read from the model config with TRL's rules.
 """
 
@@ -22,7 +31,8 @@ from dataclasses import dataclass, fields
 import torch
 import transformers
 from packaging.version import Version
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -76,6 +86,24 @@ def head_transform(text_config) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), softcap
 
 
+def gather_sharded_head(param: torch.Tensor | None, owner: torch.nn.Module) -> torch.Tensor | None:
+    """The full tensor of an LM-head parameter that FSDP2 left sharded (a ``DTensor``: the head is an FSDP unit of its
+    own, which the fused loss reads without calling it), gathered once, differentiably: its gradient is
+    reduce-scattered back to the shards and averaged over the data-parallel ranks, as FSDP2 reduces every other
+    gradient (``full_tensor()`` would keep each rank's own, unreduced gradient). Plain tensors pass through."""
+    if not isinstance(param, DTensor):
+        return param
+    if not isinstance(owner, FSDPModule):
+        raise ValueError(
+            f"`use_fused_loss=True` reads the LM head directly, but its weight is sharded over {param.device_mesh} "
+            f"with {param.placements} outside FSDP (tensor parallelism); set `use_fused_loss=False` or shard the head "
+            "with FSDP only"
+        )
+    mesh = param.device_mesh
+    full = param.redistribute(mesh, [Replicate()] * mesh.ndim)
+    return full.to_local(grad_placements=[Partial("avg")] * mesh.ndim)
+
+
 def _router_aux_loss(self, text_config, backbone_outputs, attention_mask):
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -114,10 +142,8 @@ def add_fused_policy_loss_head(
         T = inp.completion_ids.shape[1]
         lm_head = self.get_output_embeddings()
         hidden = backbone_outputs.last_hidden_state[:, -T - 1 : -1].to(lm_head.weight.device)
-        weight, bias = lm_head.weight, lm_head.bias
-        if isinstance(weight, DTensor):  # FSDP2: gather the head (differentiably) before the token chunks
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if bias is not None else None
+        weight = gather_sharded_head(lm_head.weight, lm_head)  # once per forward, before the token chunks
+        bias = gather_sharded_head(lm_head.bias, lm_head)
         autocast = nullcontext()
         if cast_lm_head_to_fp32:
             hidden = hidden.float()

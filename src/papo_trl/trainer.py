@@ -41,6 +41,7 @@ from .estimators import compute_advantages, correctness, fill_unscorable, weight
 from .fused_head import PolicyLossInputs, add_fused_policy_loss_head
 from .process_rewards import check_process_reward_funcs, score_process_rewards
 from .sampling import PromptStream, assemble_rounds, check_row_keys
+from .sharding import check_sharding
 
 logger = get_logger(__name__)
 
@@ -127,6 +128,7 @@ class PAPOTrainer(GRPOTrainer):
         # the fused linear-head loss where its kernels run (CUDA, or CPU under TRITON_INTERPRET) and the options allow
         probe = torch.empty(0, device=self.accelerator.device)
         self._fused_loss = bool(args.use_fused_loss and self._loss_config is not None and use_triton(probe))
+        check_sharding(args, self.model, self.accelerator, fused_loss=self._fused_loss)
         if self._fused_loss:
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             add_fused_policy_loss_head(base, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
@@ -400,7 +402,7 @@ class PAPOTrainer(GRPOTrainer):
         path = None if checkpoint is None else os.path.join(checkpoint, PAPO_STATE_NAME)
         if path is None or not os.path.isfile(path):
             return
-        state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # load_state_dict moves it to the device
         if self._daro is not None and "daro" in state:
             self._daro.load_state_dict(state["daro"])
         if self._prompt_stream is not None and "prompt_stream" in state:

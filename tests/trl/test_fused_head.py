@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -174,11 +176,43 @@ def test_zero3_gather_hook_wraps_the_head(monkeypatch):
     assert len(seen) == 1 and seen[0][0].shape == (V, SMALL["hidden_size"])
 
 
+class HeadShapedTensors(TorchDispatchMode):
+    """Records every aten op that produces a tensor of the LM head's shape ``[V, D]`` (an accumulator, a gradient)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.ops = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape for t in pytree.tree_leaves(out)):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_head_gets_no_weight_gradient_and_no_accumulator(frozen):
+    """A frozen head (PEFT freezes it, and the tied input embeddings): forward and backward produce no tensor of
+    the head's shape at all, so neither a weight gradient nor its fp32 accumulator is allocated."""
+    model = tiny(tie=True)
+    add_fused_policy_loss_head(model)
+    model.lm_head.weight.requires_grad_(not frozen)  # tied: the input embeddings' weight too
+    input_ids, attention_mask, inputs = batch(PolicyLossConfig(loss_type="grpo", entropy_coef=0.01))
+    with HeadShapedTensors(model.lm_head.weight.shape) as seen:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
+        out.loss.backward()
+    assert (model.lm_head.weight.grad is None) == frozen
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None  # the rest of the model still trains
+    assert bool(seen.ops) != frozen, seen.ops  # trainable: the accumulator and the gradient show up
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="a one-rank gloo mesh over CPU tensors")
 def test_dtensor_head(tmp_path):
-    """FSDP2 exposes the head as a DTensor: it is gathered with full_tensor() and its gradient flows back."""
+    """A head that is an FSDP2 unit of its own is a DTensor shard in the forward: it is gathered, its gradient flows
+    back to the shard. A DTensor head outside FSDP (tensor parallelism) is refused, naming the option."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -187,7 +221,8 @@ def test_dtensor_head(tmp_path):
         model = tiny()
         sharded = copy.deepcopy(model)
         add_fused_policy_loss_head(sharded)
-        sharded.lm_head.weight = torch.nn.Parameter(distribute_tensor(sharded.lm_head.weight.data, mesh, [Shard(0)]))
+        fully_shard(sharded.lm_head, mesh=mesh)
+        assert isinstance(sharded.lm_head.weight, DTensor)
         cfg = PolicyLossConfig(loss_type="grpo", entropy_coef=0.01)
         input_ids, attention_mask, inputs = batch(cfg)
         ref = eager(model, input_ids, attention_mask, inputs)
@@ -198,5 +233,12 @@ def test_dtensor_head(tmp_path):
         grad = sharded.lm_head.weight.grad
         assert isinstance(grad, DTensor)
         torch.testing.assert_close(grad.full_tensor(), model.lm_head.weight.grad)
+
+        tensor_parallel = copy.deepcopy(model)
+        add_fused_policy_loss_head(tensor_parallel)
+        weight = distribute_tensor(tensor_parallel.lm_head.weight.data, mesh, [Shard(0)])
+        tensor_parallel.lm_head.weight = torch.nn.Parameter(weight)
+        with pytest.raises(ValueError, match="use_fused_loss"):
+            tensor_parallel(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
     finally:
         dist.destroy_process_group()
