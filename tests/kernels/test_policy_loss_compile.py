@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss, policy_loss
+from papo_kernels.loss.batch import _finalize_kernel, _quantile_kernel, _sequence_kernel
 from papo_kernels.loss.rows import _backward_rows, _forward_rows
-from papo_kernels.loss.terms import _finalize_kernel, _sequence_kernel
 from tests.kernels import _aot_compile
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs compile the kernels for real")
@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs com
 KERNELS = {
     "papo_kernels.loss.rows:_forward_rows": _forward_rows,
     "papo_kernels.loss.rows:_backward_rows": _backward_rows,
-    "papo_kernels.loss.terms:_sequence_kernel": _sequence_kernel,
-    "papo_kernels.loss.terms:_finalize_kernel": _finalize_kernel,
+    "papo_kernels.loss.batch:_sequence_kernel": _sequence_kernel,
+    "papo_kernels.loss.batch:_finalize_kernel": _finalize_kernel,
+    "papo_kernels.loss.batch:_quantile_kernel": _quantile_kernel,
 }
 CONFIGS = [
     PolicyLossConfig(loss_type="dapo"),
@@ -36,7 +37,9 @@ CONFIGS = [
     ),  # fmt: skip
     PolicyLossConfig(loss_type="cispo", epsilon_high=5.0, beta=0.1),
     PolicyLossConfig(loss_type="sapo", entropy_coef=0.1),
-]
+    PolicyLossConfig(loss_type="vespo", importance_sampling_level="sequence", beta=0.04, entropy_coef=0.01,
+                     top_entropy_quantile=0.2, off_policy_mask_threshold=0.1, use_bias_correction_kl=True),
+]  # fmt: skip
 
 
 def _run_cases():
@@ -47,16 +50,19 @@ def _run_cases():
             x = torch.randn(B, T, V, dtype=dtype, generator=g).requires_grad_()
             ids = torch.randint(0, V, (B, T), generator=g)
             kw = {"ref_logps": torch.randn(B, T, generator=g)} if cfg.beta else {}
-            if cfg.loss_type == "cispo":
+            if cfg.loss_type in ("cispo", "vespo"):
                 kw |= {"old_logps": torch.randn(B, T, generator=g), "importance_sampling_ratio": torch.rand(B, 1)}
+            if cfg.off_policy_mask_threshold is not None:
+                kw["sampling_logps"] = torch.randn(B, T, generator=g)
             out = policy_loss(x, ids, torch.ones(B, T, dtype=torch.bool), torch.randn(B, generator=g), config=cfg, **kw)
             out.loss.backward()
     # the fused linear head: compacted rows, softcapping, bf16 chunks
     h = torch.randn(2, 4, 16, dtype=torch.bfloat16, generator=g).requires_grad_()
     w = torch.randn(4096 + 64, 16, dtype=torch.bfloat16, generator=g).requires_grad_()
-    for cfg in CONFIGS[:2]:
+    for cfg in CONFIGS[:2] + CONFIGS[-1:]:
         ids = torch.randint(0, w.shape[0], (2, 4), generator=g)
         kw = {"ref_logps": torch.randn(2, 4, generator=g)} if cfg.beta else {}
+        kw |= {"old_logps": torch.randn(2, 4, generator=g)} if cfg.loss_type == "vespo" else {}
         mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # padding: compacted rows
         out = fused_linear_policy_loss(h, w, ids, mask, torch.randn(2, generator=g), config=cfg,
                                        final_logit_softcapping=30.0, chunk_size=3, **kw)  # fmt: skip

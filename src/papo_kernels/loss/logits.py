@@ -14,7 +14,7 @@ from .._runtime import use_triton
 from .config import PolicyLossConfig, PolicyLossOutput
 from .inputs import check_logits_inputs, check_loss_inputs
 from .naive import policy_loss_reference
-from .plan import Plan, backward_rows, forward_rows, make_plan, metrics_from_out, sequence_and_finalize
+from .plan import Plan, backward_rows, forward_rows, make_plan, output_from, sequence_and_finalize
 
 
 def _row_strides(x: torch.Tensor) -> tuple[int, int]:
@@ -33,11 +33,12 @@ class PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, completion_ids, completion_mask, advantages, old_logps, ref_logps,
-                importance_sampling_ratio, sequence_scale, num_items_in_batch, config, inplace_grad):  # fmt: skip
+                importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config,
+                inplace_grad):  # fmt: skip
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         plan = make_plan(
             completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-            sequence_scale, num_items_in_batch, config, acc, logits.device,
+            sequence_scale, num_items_in_batch, config, acc, logits.device, sampling_logps=sampling_logps,
         )  # fmt: skip
         run_forward(logits, plan)
         ctx.save_for_backward(logits)
@@ -61,7 +62,7 @@ class PolicyLossFunction(torch.autograd.Function):
         sxb, sxt = _row_strides(logits)
         sdb, sdt = _row_strides(dx)
         backward_rows(plan, logits, sxb, sxt, plan.T, 0, plan.B * plan.T, dx, sdb, sdt, go)
-        return dx, None, None, None, None, None, None, None, None, None, None
+        return (dx,) + (None,) * 11
 
 
 def policy_loss(
@@ -73,6 +74,7 @@ def policy_loss(
     old_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
     importance_sampling_ratio: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | float | None = None,
     sequence_scale: torch.Tensor | None = None,
     inplace_grad: bool = False,
@@ -84,11 +86,11 @@ def policy_loss(
     check_logits_inputs(logits, completion_ids)
     check_loss_inputs(
         completion_ids.shape, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-        sequence_scale, config.beta,
+        sequence_scale, config.beta, sampling_logps,
     )  # fmt: skip
     kwargs = dict(
         old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-        num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
+        sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
     )  # fmt: skip
     if not use_triton(logits):
         return policy_loss_reference(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
@@ -96,7 +98,6 @@ def policy_loss(
         logits = logits.contiguous()
     loss, logps, entropy, seq, out = PolicyLossFunction.apply(
         logits, completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-        sequence_scale, num_items_in_batch, config, inplace_grad,
+        sampling_logps, sequence_scale, num_items_in_batch, config, inplace_grad,
     )  # fmt: skip
-    metrics = metrics_from_out(out, config)
-    return PolicyLossOutput(loss=loss, per_token_logps=logps, entropy=entropy, metrics=metrics, sequence_loss=seq)
+    return output_from(loss, logps, entropy, seq, out, config)

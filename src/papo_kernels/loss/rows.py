@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .terms import P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
+from .terms import F_BONUS, P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
 
 LN2 = tl.constexpr(0.6931471805599453)
 NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully -inf blocks give no inf - inf
@@ -107,7 +107,10 @@ def _forward_rows(
             logp, b, p - b * T, p, w != 0, ADV, sab, sat, OLD, REF, ISR, sib, sit, HAS_OLD, HAS_KL, HAS_ISR
         )
         r = tl.exp(logp - old)
-        ptl, d_lp, d_r, kl, low, high = _policy_terms(logp, ref, adv, isr, r, P, LOSS, HAS_DELTA, HAS_KL, BIAS_KL)
+        one = r * 0.0 + 1.0
+        ptl, d_lp, d_r, kl, low, high = _policy_terms(
+            logp, ref, adv, isr, r, one, one, P, LOSS, HAS_DELTA, HAS_KL, BIAS_KL
+        )
         on = w != 0
         tl.store(G + p, tl.where(on, w * (d_lp + d_r * r), 0.0))
         tl.store(PTL + p, tl.where(on, ptl, 0.0))
@@ -133,9 +136,9 @@ def _grad_block(x, cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP: tl.conste
 @triton.jit(do_not_specialize=_DNS)
 def _backward_rows(
     X, sxb, sxt, T_x, row0, ROWS, DX, sdb, sdt, IDS, MASK, V, T, P,
-    RMAX, LOG2S, ENT, G, W, GO, ENT_W,
+    RMAX, LOG2S, ENT, G, W, FLAGS, GO, ENT_W,
     HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, ENT_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ENT_MASK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     p, off = _row(pid, row0, ROWS, T_x, sxb, sxt, HAS_ROWS, ALIGNED)
@@ -147,6 +150,8 @@ def _backward_rows(
     h = c * 0.0
     if ENT_GRAD:
         h = go * tl.load(ENT_W) * tl.load(MASK + p).to(acc) * kn
+        if ENT_MASK:  # only the tokens the high-entropy mask keeps
+            h = tl.where((tl.load(FLAGS + p) & F_BONUS) != 0, h, 0.0)
     drow = DX + doff
     cols = tl.arange(0, BLOCK)
     n_full = (V // BLOCK) * BLOCK
