@@ -8,7 +8,7 @@ import torch
 
 from papo_kernels import PolicyLossConfig
 from papo_kernels.loss import LOSS_TYPES, fused_linear_policy_loss, policy_loss, policy_loss_reference
-from papo_kernels.loss import plan as plan_mod
+from papo_kernels.loss import launch as launch_mod
 from tests.kernels._policy_loss_cases import kwargs_of, make_case, trl_compute_loss, trl_logps_and_entropy
 from tests.kernels.test_policy_loss import assert_outputs_close, run
 
@@ -89,7 +89,7 @@ def test_every_loss_type_with_both_masks_fp64(loss_type, device):
 def test_option_fp32_within_1e5_of_fp64(name, device, monkeypatch):
     """fp32 logits over several vocabulary blocks; the quantile's rank is fractional, so no token's entropy sits
     on the threshold (there fp32 and fp64 may legitimately disagree)."""
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_V", 32)
+    monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 32)
     overrides, opts = OPTIONS[name]
     cfg = _config(**overrides)
     case = make_case(19, B, 9, 77, cfg=cfg, device=device, masked_row=True, **opts)
@@ -139,9 +139,10 @@ def test_quantile_kernel_is_torch_quantile(n, device):
 
 def _threshold(values, mask, top, device):
     from papo_kernels.loss.batch import _quantile_kernel
+    from papo_kernels.loss.plan import params_tensor
     from papo_kernels.loss.terms import N_OUT, O_THRESHOLD
 
-    params = plan_mod.params_tensor(PolicyLossConfig(top_entropy_quantile=top), torch.float64, device)
+    params = params_tensor(PolicyLossConfig(top_entropy_quantile=top), torch.float64, device)
     keys = torch.where(mask, values, float("inf")).sort().values.to(device)
     out = torch.zeros(N_OUT, dtype=torch.float64, device=device)
     _quantile_kernel[(1,)](keys, mask.to(device=device, dtype=torch.uint8), out, params, values.numel(), BLOCK=256)

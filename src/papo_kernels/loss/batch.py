@@ -7,9 +7,10 @@ current log-probs (GSPO's mean log-ratio; VESPO's ``ln w``: the masked sum of th
 plus the IS-ratio log sum; the off-policy mask's mean of ``sampling_logps - logp``), then evaluates each token's
 terms under the off-policy and high-entropy masks and writes the coefficients ``G`` (and the bonus flags).
 
-``_quantile_kernel`` (one program) reads the batch's fp32 entropies, sorted with the masked ones at +inf, and
-writes the high-entropy threshold as ``torch.quantile`` computes it: fp32 rank ``q (n - 1)``, linear interpolation
-(``a + f (b - a)`` below ``f = 1/2``, ``b - (b - a)(1 - f)`` above); NaN if an entropy is NaN.
+``_count_kernel`` (one program per sequence) is the single-phase path's pre-pass: the mask sums the aggregation
+weights need. ``_quantile_kernel`` (one program) reads the batch's fp32 entropies, sorted with the masked ones at
++inf, and writes the high-entropy threshold as ``torch.quantile`` computes it: fp32 rank ``q (n - 1)``, linear
+interpolation (``a + f (b - a)`` below ``f = 1/2``, ``b - (b - a)(1 - f)`` above); NaN if an entropy is NaN.
 
 ``_finalize_kernel`` (one program) turns the partial sums into the aggregation weights ``W[b]``, the loss, the
 metrics and the entropy-bonus weight ``-entropy_coef / bonus tokens``.
@@ -213,6 +214,19 @@ def _sequence_kernel(
     tl.store(out + C_PHI, tl.sum(phis, axis=0))
     tl.store(out + C_BONUS, tl.sum(bon, axis=0))
     tl.store(out + C_BONUS_N, tl.sum(bon_n, axis=0))
+
+
+@triton.jit(do_not_specialize=["T"])
+def _count_kernel(MASK, PART, T, BLOCK_T: tl.constexpr):
+    """The pre-pass of the single-phase path: each sequence's mask sum (its tokens, which the entropy bonus also
+    counts), all the aggregation weights need before any token's gradient."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    cnt = tl.zeros([BLOCK_T], PART.dtype.element_ty)
+    for t0 in range(0, T, BLOCK_T):
+        cnt += tl.load(MASK + b * T + t0 + offs, mask=t0 + offs < T, other=0).to(cnt.dtype)
+    tl.store(PART + b * N_PART + C_TOKENS, tl.sum(cnt, axis=0))
+    tl.store(PART + b * N_PART + C_BONUS_N, tl.sum(cnt, axis=0))
 
 
 @triton.jit(do_not_specialize=["N"])

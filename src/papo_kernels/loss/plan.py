@@ -1,10 +1,5 @@
-"""Launch plan shared by the logits and fused-linear paths: prepared inputs, O(B*T) buffers, kernel launchers.
-
-A forward is three launches: the row kernel (log-probs, entropy and, single phase, the loss terms), the sequence
-kernel (per-sequence sums; two phases, also the coefficients) and the finalize kernel (weights, loss, metrics);
-with ``top_entropy_quantile < 1`` a sort of the O(B*T) entropies and the quantile kernel come before the sequence
-kernel. The backward is one launch of the row-gradient kernel. Nothing here syncs with the host.
-"""
+"""The plan shared by the logits and fused-linear paths: prepared inputs, the scalar parameters and the O(B*T)
+buffers the kernels read and write (``launch.py`` runs the kernels on it)."""
 
 from __future__ import annotations
 
@@ -14,9 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import _finalize_kernel, _quantile_kernel, _sequence_kernel
 from .config import PolicyLossConfig, PolicyLossOutput
-from .rows import _backward_rows, _forward_rows
 from .terms import (
     C_LOSS,
     LOSS_IDS,
@@ -25,7 +18,6 @@ from .terms import (
     N_PART,
     O_BONUS,
     O_ENT,
-    O_ENT_W,
     O_HIGH,
     O_KL,
     O_LOW,
@@ -34,10 +26,6 @@ from .terms import (
     O_REGION,
 )
 
-MAX_BLOCK_V = 4096  # vocabulary block of the row kernels (H100: 8 warps, 16 fp32 lanes per thread)
-BLOCK_T = 512  # tokens per step of the sequence kernel (fixed: no variant per completion length)
-BLOCK_B = 512  # sequences per step of the finalize kernel
-BLOCK_N = 1024  # tokens per step of the quantile kernel's count
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 _PARAMS: OrderedDict = OrderedDict()
 
@@ -45,10 +33,10 @@ _PARAMS: OrderedDict = OrderedDict()
 def params_tensor(cfg: PolicyLossConfig, dtype, device, logit_scale: float = 1.0, softcap: float | None = None):
     """The scalar parameters as a small tensor of the arithmetic dtype (cached: no copy per call)."""
     key = (cfg, dtype, str(device), float(logit_scale), softcap)
-    hit = _PARAMS.get(key)
-    if hit is not None:
-        _PARAMS.move_to_end(key)
-        return hit
+    return _cached(key, lambda: torch.tensor(_params(cfg, dtype, logit_scale, softcap), dtype=dtype, device=device))
+
+
+def _params(cfg: PolicyLossConfig, dtype, logit_scale: float, softcap: float | None) -> list[float]:
     inv_t = 1.0 / cfg.temperature
     k2 = math.log2(math.e) * inv_t * (logit_scale if softcap is None else 1.0)
     # TRL builds the SAPO temperatures and VESPO's k and lambda with torch.where over Python floats (fp32 values),
@@ -64,11 +52,23 @@ def params_tensor(cfg: PolicyLossConfig, dtype, device, logit_scale: float = 1.0
         f32(1.0 - cfg.top_entropy_quantile), torch.finfo(dtype).max,
     ]  # fmt: skip
     assert len(values) == N_PARAMS
-    t = torch.tensor(values, dtype=dtype, device=device)
-    _PARAMS[key] = t
-    if len(_PARAMS) > 64:
-        _PARAMS.popitem(last=False)
-    return t
+    return values
+
+
+def scalar_tensor(value: float, dtype, device) -> torch.Tensor:
+    """A one-element tensor holding ``value`` (cached like the parameters: no host-to-device copy per call)."""
+    key = ("scalar", float(value), dtype, str(device))
+    return _cached(key, lambda: torch.tensor([value], dtype=dtype, device=device))
+
+
+def _cached(key, make):
+    hit = _PARAMS.get(key)
+    if hit is None:
+        hit = _PARAMS[key] = make()
+        if len(_PARAMS) > 64:
+            _PARAMS.popitem(last=False)
+    _PARAMS.move_to_end(key)
+    return hit
 
 
 @dataclass
@@ -190,88 +190,4 @@ def make_plan(
         ptl=views[5], kl=views[6], flags=alloc(N, dtype=torch.int32, device=device),
         part=views[7].view(B, N_PART.value), w=views[8], out=views[9],
         loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
-    )  # fmt: skip
-
-
-def _block_v(V: int, backward: bool = False) -> tuple[int, int]:
-    """Vocabulary block and warps: 4096-wide blocks (8 warps forward; 16 backward, which holds more per element)."""
-    block = min(MAX_BLOCK_V, max(16, 1 << (int(V) - 1).bit_length()))
-    if block < 2048:
-        return block, 4
-    return block, 16 if backward else 8
-
-
-def _aligned(*strides: int) -> bool:
-    return all(s % 16 == 0 for s in strides)
-
-
-def forward_rows(plan: Plan, x, sxb: int, sxt: int, T_x: int, row0: int, n_rows: int, rows=None) -> None:
-    """Row kernel over ``n_rows`` logits rows (row ``i`` at ``x + (i // T_x) sxb + (i % T_x) sxt``) for the
-    flat tokens ``row0 + i`` (or ``rows[row0 + i]``)."""
-    if n_rows == 0:
-        return
-    block, warps = _block_v(x.shape[-1])
-    a0, a1 = plan.adv_strides
-    i0, i1 = plan.isr_strides
-    dummy = plan.logp
-    _forward_rows[(n_rows,)](
-        x, sxb, sxt, T_x, row0, dummy if rows is None else rows, plan.ids, plan.mask, x.shape[-1], plan.params,
-        plan.logp, plan.ent, plan.rmax, plan.log2s,
-        plan.adv, a0, a1, plan.old if plan.old is not None else dummy, plan.ref if plan.ref is not None else dummy,
-        plan.isr if plan.isr is not None else dummy, i0, i1, plan.T, plan.g, plan.ptl, plan.kl, plan.flags,
-        HAS_SOFTCAP=plan.softcap, HAS_ROWS=rows is not None, ALIGNED=_aligned(sxb, sxt), TERMS=not plan.two_phase,
-        BLOCK=block, num_warps=warps, **plan.flags_kw(),
-    )  # fmt: skip
-
-
-def sequence_and_finalize(plan: Plan) -> None:
-    """(High-entropy threshold,) per-sequence sums and two-phase coefficients, then weights, loss and metrics."""
-    a0, a1 = plan.adv_strides
-    i0, i1 = plan.isr_strides
-    dummy = plan.logp
-    if plan.ent_mask:
-        keys = torch.where(plan.mask.view(-1) != 0, plan.ent.float(), float("inf")).sort().values
-        _quantile_kernel[(1,)](keys, plan.mask, plan.out, plan.params, plan.B * plan.T, BLOCK=BLOCK_N)
-    one_per_seq = plan.seq_level and plan.adv.dim() == 1
-    c = plan.cfg
-    _sequence_kernel[(plan.B,)](
-        plan.logp, plan.ent, plan.g, plan.ptl, plan.kl, plan.flags, plan.mask, plan.adv, a0, a1,
-        _or(plan.old, dummy), _or(plan.ref, dummy), _or(plan.isr, dummy), i0, i1,
-        1 if plan.isr is None else plan.isr.shape[1], _or(plan.samp, dummy), plan.part, plan.out, plan.params,
-        plan.T, int(one_per_seq and plan.T > 1), int(plan.adv.dim() == 1 or plan.T == 1),
-        TWO_PHASE=plan.two_phase, SEQ_LEVEL=plan.seq_level, VESPO_ISR=plan.isr is not None and c.loss_type == "vespo",
-        OFF_POLICY=c.off_policy_mask_threshold is not None, HAS_SAMP=plan.samp is not None, ENT_MASK=plan.ent_mask,
-        BLOCK_T=BLOCK_T, **plan.flags_kw(),
-    )  # fmt: skip
-    finalize(plan, per_seq_denom=one_per_seq or plan.T == 1)
-
-
-def _or(t, default):
-    return default if t is None else t
-
-
-def finalize(plan: Plan, per_seq_denom: bool = False) -> None:
-    ni = plan.num_items
-    ni_mode = 0 if ni is None else (2 if isinstance(ni, torch.Tensor) else 1)
-    _finalize_kernel[(1,)](
-        plan.part, plan.w, plan.out, plan.loss, plan.params,
-        plan.seq_scale if plan.seq_scale is not None else plan.w, ni if ni_mode == 2 else plan.w,
-        plan.B, float(ni) if ni_mode == 1 else 0.0, int(per_seq_denom), int(plan.adv.dim() == 1 or plan.T == 1),
-        LOSS=LOSS_IDS[plan.cfg.loss_type], HAS_SCALE=plan.seq_scale is not None, NI_MODE=ni_mode, BLOCK_B=BLOCK_B,
-    )  # fmt: skip
-
-
-def backward_rows(
-    plan: Plan, x, sxb: int, sxt: int, T_x: int, row0: int, n_rows: int, dx, sdb: int, sdt: int, grad_out, rows=None
-) -> None:
-    """Row-gradient kernel: ``dx`` rows (same layout rules as ``forward_rows``) get ``grad_out * dL/dx``."""
-    if n_rows == 0:
-        return
-    block, warps = _block_v(x.shape[-1], backward=True)
-    _backward_rows[(n_rows,)](
-        x, sxb, sxt, T_x, row0, plan.logp if rows is None else rows, dx, sdb, sdt, plan.ids, plan.mask,
-        x.shape[-1], plan.T, plan.params, plan.rmax, plan.log2s, plan.ent, plan.g, plan.w, plan.flags, grad_out,
-        plan.out[O_ENT_W.value :], HAS_SOFTCAP=plan.softcap, HAS_ROWS=rows is not None,
-        ALIGNED=_aligned(sxb, sxt, sdb, sdt), ENT_GRAD=plan.cfg.entropy_coef != 0.0, ENT_MASK=plan.ent_mask,
-        BLOCK=block, num_warps=warps,
     )  # fmt: skip
