@@ -12,18 +12,14 @@ from trl import GRPOConfig
 AUTO = "auto"
 ADVANTAGE_ESTIMATORS = (AUTO, "papo", "papo_fullnorm", "grpo", "dr_grpo", "gdpo", "daro")
 PROCESS_ESTIMATORS = ("papo", "papo_fullnorm")
-KERNEL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+KERNEL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 
 def unsupported_loss_options(args) -> list[str]:
-    """The options of `args` that the ``papo_kernels`` policy loss does not implement (TRL's loss does)."""
-    checks = {
-        "loss_type": args.loss_type not in KERNEL_LOSS_TYPES,
-        "top_entropy_quantile": args.top_entropy_quantile < 1.0,
-        "off_policy_mask_threshold": args.off_policy_mask_threshold is not None,
-        "use_adaptive_entropy": args.use_adaptive_entropy,
-    }
-    return [name for name, unsupported in checks.items() if unsupported]
+    """The options of `args` that the ``papo_kernels`` policy loss does not implement (TRL's loss does): it covers
+    every option of TRL 1.16's ``_compute_loss`` (``vespo``, ``top_entropy_quantile``, ``off_policy_mask_threshold``
+    and ``use_adaptive_entropy`` included), so only a loss type it does not know."""
+    return ["loss_type"] if args.loss_type not in KERNEL_LOSS_TYPES else []
 
 
 def _finite(value) -> bool:

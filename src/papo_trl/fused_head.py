@@ -51,6 +51,7 @@ class PolicyLossInputs:
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
     importance_sampling_ratio: torch.Tensor | None = None
+    sampling_logps: torch.Tensor | None = None
     num_items_in_batch: torch.Tensor | float | None = None
     sequence_scale: torch.Tensor | None = None
 
@@ -69,6 +70,7 @@ class FusedPolicyLossOutput(ModelOutput):
     sequence_loss: torch.Tensor | None = None
     metrics: dict | None = None
     aux_loss: torch.Tensor | None = None
+    entropy_stats: torch.Tensor | None = None
 
 
 def head_transform(text_config) -> tuple[float, float | None]:
@@ -158,7 +160,7 @@ def add_fused_policy_loss_head(
             aux_loss = _router_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
         return FusedPolicyLossOutput(
             loss=out.loss, per_token_logps=out.per_token_logps, entropy=out.entropy,
-            sequence_loss=out.sequence_loss, metrics=out.metrics, aux_loss=aux_loss,
+            sequence_loss=out.sequence_loss, metrics=out.metrics, aux_loss=aux_loss, entropy_stats=out.entropy_stats,
         )  # fmt: skip
 
     model.forward = types.MethodType(forward, model)

@@ -37,6 +37,7 @@ from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logp
 from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
 from .daro import DAROController
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
+from .entropy_control import loss_config_for_step, update_entropy_control
 from .estimators import compute_advantages, correctness, fill_unscorable, weighted_nansum
 from .fused_head import PolicyLossInputs, add_fused_policy_loss_head
 from .process_rewards import check_process_reward_funcs, score_process_rewards
@@ -291,6 +292,7 @@ class PAPOTrainer(GRPOTrainer):
             scale = self._daro.sequence_scale(inputs["daro_bucket"], inputs["daro_bucket_tokens"], factor)
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / factor
         output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items)
+        update_entropy_control(self, output.entropy_stats, mode)
         loss = output.loss / accumulation
         if aux_loss is not None and self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
@@ -315,27 +317,32 @@ class PAPOTrainer(GRPOTrainer):
             old_logps=inputs.get("old_per_token_logps"),
             ref_logps=inputs.get("ref_per_token_logps"),
             importance_sampling_ratio=inputs.get("importance_sampling_ratio") if use_is else None,
+            sampling_logps=inputs.get("sampling_per_token_logps"),
             num_items_in_batch=num_items_in_batch,
             sequence_scale=sequence_scale,
         )
         multimodal = {key: inputs.get(key) for key in MULTIMODAL_KEYS}
+        config = loss_config_for_step(self, self._loss_config)
         if self._fused_loss and all(value is None for value in multimodal.values()):
-            loss_inputs = PolicyLossInputs(completion_ids, mask, inputs["advantages"], self._loss_config, **loss_kwargs)
+            loss_inputs = PolicyLossInputs(completion_ids, mask, inputs["advantages"], config, **loss_kwargs)
             with self.accelerator.autocast():
                 out = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=loss_inputs)
-            output = PolicyLossOutput(out.loss, out.per_token_logps, out.entropy, out.metrics, out.sequence_loss)
+            output = PolicyLossOutput(
+                out.loss, out.per_token_logps, out.entropy, out.metrics, out.sequence_loss, out.entropy_stats
+            )
             return output, out.aux_loss
         logps, entropy, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled, **multimodal,
         )  # fmt: skip
-        output = loss_from_logps(logps, entropy, mask, inputs["advantages"], config=self._loss_config, **loss_kwargs)
+        output = loss_from_logps(logps, entropy, mask, inputs["advantages"], config=config, **loss_kwargs)
         return output, aux_loss
 
     def _log_loss_metrics(self, output, inputs, mask, mode: str) -> None:
         """The loss metrics TRL logs, under its names and with its reductions over processes: token-weighted means
         (sequence-weighted for per-sequence values: VESPO's weight, sequence-level clip fractions), ``policy_loss``
-        and ``entropy_coef`` with an entropy bonus only, and the extreme per-sequence clip fractions."""
+        with an entropy bonus only (``entropy_coef`` is logged by ``update_entropy_control``), and the extreme
+        per-sequence clip fractions."""
         sequence_level = self._loss_config.importance_sampling_level == "sequence"
         count = mask.sum().float()
         for key, value in output.metrics.items():
@@ -346,8 +353,6 @@ class PAPOTrainer(GRPOTrainer):
                 weight = torch.full_like(count, mask.shape[0])
             totals = self.accelerator.reduce(torch.stack([value.float() * weight, weight]), reduction="sum")
             self._metrics[mode][key].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        if self._entropy_bonus_enabled and mode == "train" and self.accelerator.sync_gradients:
-            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         if "clip_ratio/low_mean" in output.metrics:
             low, high = self._sequence_clip_fractions(output.per_token_logps, inputs, mask)
             self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low)).item())

@@ -3,7 +3,7 @@
 Used by the CPU test suite: launches are recorded under the interpreter (arguments described, tensors reduced
 to dtype and 16-byte alignment), then this script, run in a process without ``TRITON_INTERPRET``, builds each
 specialization exactly as ``JITFunction.run`` would and compiles it to a cubin. Prints one JSON line per
-launch: kernel, constexprs, vector loads/stores in the PTX, registers and local-memory (spill) bytes.
+launch: kernel, constexprs, warps, vector loads/stores in the PTX, registers and local-memory (spill) bytes.
 """
 
 from __future__ import annotations
@@ -27,15 +27,23 @@ def describe(arg):
 
 
 def record(kernels: dict[str, object]):
-    """Install pre-run hooks on ``{"module:name": kernel}``; returns the list the launches go to."""
+    """Record the launches of ``{"module:name": kernel}`` (arguments and launch options such as ``num_warps``,
+    which the interpreter's pre-run hooks do not see); returns the list they go to. Undo with :func:`stop`."""
     calls = []
     for key, k in kernels.items():
-        k.add_pre_run_hook(
-            lambda *a, _key=key, **kw: calls.append(
-                (_key, [describe(x) for x in a], {n: describe(v) for n, v in kw.items()})
-            )
-        )
+
+        def run(*args, _key=key, _run=k.run, **kwargs):
+            options = {n: v for n, v in kwargs.items() if n not in ("grid", "warmup")}
+            calls.append((_key, [describe(x) for x in args], {n: describe(v) for n, v in options.items()}))
+            return _run(*args, **kwargs)
+
+        k.run = run
     return calls
+
+
+def stop(kernels: dict[str, object]) -> None:
+    for k in kernels.values():
+        k.__dict__.pop("run", None)
 
 
 def main(path: str) -> None:
@@ -85,6 +93,7 @@ def main(path: str) -> None:
             "constexprs": {n: v for n, v in kwargs.items() if n.isupper()},
             "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
             "vector_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v[248]", ptx)),
+            "num_warps": options.num_warps,
             "registers": int(regs.group(1)) if regs else None,
             "local_bytes": int(local.group(1)) if local else None,
         }))  # fmt: skip

@@ -162,7 +162,8 @@ def test_long_sequence_many_chunks():
 
 
 def test_no_grad_forward_skips_gradient_work(monkeypatch):
-    monkeypatch.setattr(fl, "backward_rows", lambda *a, **k: pytest.fail("gradient kernel launched under no_grad"))
+    for name in ("grad_rows", "fused_rows", "prepare_weights"):
+        monkeypatch.setattr(fl, name, lambda *a, **k: pytest.fail("gradient work launched under no_grad"))
     cfg = PolicyLossConfig(loss_type="bnpo")
     params, case = make_head(8, B, T, D, V, cfg)
     with torch.no_grad():

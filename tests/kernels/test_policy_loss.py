@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import papo_kernels
 from papo_kernels import PolicyLossConfig
-from papo_kernels.loss import plan as plan_mod
+from papo_kernels.loss import launch as launch_mod
 from papo_kernels.loss import policy_loss, policy_loss_reference, token_logps_and_entropy
 from tests.kernels._policy_loss_cases import configs, input_options, kwargs_of, make_case
 
@@ -49,7 +49,7 @@ def test_kernel_matches_reference_fp64(cfg, opts, seed):
 @pytest.mark.parametrize("loss_type,level", ALL)
 def test_fp32_matches_fp64_reference(loss_type, level, device, monkeypatch):
     """fp32 logits: loss and dlogits within 1e-5 (relative) of TRL's formulas in fp64, several vocab blocks."""
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_V", 32)
+    monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 32)
     cfg = PolicyLossConfig(
         loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28 if loss_type != "cispo" else 1.3,
         beta=0.04, use_bias_correction_kl=level == "sequence", entropy_coef=0.01, temperature=0.8,
@@ -116,7 +116,7 @@ def test_masked_rows_and_fully_masked_batch(level, device):
 
 
 def test_extreme_and_neg_inf_logits(device, monkeypatch):
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 16)
     cfg = PolicyLossConfig(loss_type="dapo", entropy_coef=0.05, beta=0.02)
     case = make_case(4, 2, 5, 50, cfg=cfg, device=device, scale=1e4)
     x = case["logits"].float()
@@ -176,7 +176,7 @@ def test_num_items_and_sequence_scale_inputs(device):
 
 def test_long_sequence(device, monkeypatch):
     """One 1,100-token sequence: the sequence kernel loops over three token blocks, logits over vocab blocks."""
-    monkeypatch.setattr(plan_mod, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 16)
     cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.01, entropy_coef=0.01)
     case = make_case(9, 1, 1100, 20, cfg=cfg, device=device, dtype=torch.float32)
     ours, g = run(policy_loss, case, cfg)

@@ -12,17 +12,19 @@ import pytest
 import torch
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss, policy_loss
-from papo_kernels.loss.rows import _backward_rows, _forward_rows
-from papo_kernels.loss.terms import _finalize_kernel, _sequence_kernel
+from papo_kernels.loss.batch import _count_kernel, _finalize_kernel, _quantile_kernel, _sequence_kernel
+from papo_kernels.loss.rows import _rows, _scale_rows
 from tests.kernels import _aot_compile
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs compile the kernels for real")
 
 KERNELS = {
-    "papo_kernels.loss.rows:_forward_rows": _forward_rows,
-    "papo_kernels.loss.rows:_backward_rows": _backward_rows,
-    "papo_kernels.loss.terms:_sequence_kernel": _sequence_kernel,
-    "papo_kernels.loss.terms:_finalize_kernel": _finalize_kernel,
+    "papo_kernels.loss.rows:_rows": _rows,
+    "papo_kernels.loss.rows:_scale_rows": _scale_rows,
+    "papo_kernels.loss.batch:_count_kernel": _count_kernel,
+    "papo_kernels.loss.batch:_sequence_kernel": _sequence_kernel,
+    "papo_kernels.loss.batch:_finalize_kernel": _finalize_kernel,
+    "papo_kernels.loss.batch:_quantile_kernel": _quantile_kernel,
 }
 CONFIGS = [
     PolicyLossConfig(loss_type="dapo"),
@@ -36,7 +38,9 @@ CONFIGS = [
     ),  # fmt: skip
     PolicyLossConfig(loss_type="cispo", epsilon_high=5.0, beta=0.1),
     PolicyLossConfig(loss_type="sapo", entropy_coef=0.1),
-]
+    PolicyLossConfig(loss_type="vespo", importance_sampling_level="sequence", beta=0.04, entropy_coef=0.01,
+                     top_entropy_quantile=0.2, off_policy_mask_threshold=0.1, use_bias_correction_kl=True),
+]  # fmt: skip
 
 
 def _run_cases():
@@ -47,16 +51,28 @@ def _run_cases():
             x = torch.randn(B, T, V, dtype=dtype, generator=g).requires_grad_()
             ids = torch.randint(0, V, (B, T), generator=g)
             kw = {"ref_logps": torch.randn(B, T, generator=g)} if cfg.beta else {}
-            if cfg.loss_type == "cispo":
+            if cfg.loss_type in ("cispo", "vespo"):
                 kw |= {"old_logps": torch.randn(B, T, generator=g), "importance_sampling_ratio": torch.rand(B, 1)}
+            if cfg.off_policy_mask_threshold is not None:
+                kw["sampling_logps"] = torch.randn(B, T, generator=g)
             out = policy_loss(x, ids, torch.ones(B, T, dtype=torch.bool), torch.randn(B, generator=g), config=cfg, **kw)
             out.loss.backward()
+    # the benchmark's vocabularies in bf16 (DAPO, k3 KL, entropy; padded), in place, and a forward without gradient
+    cfg = PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01)
+    for V in (151936, 32000):
+        x = torch.randn(1, 3, V, dtype=torch.bfloat16, generator=g).requires_grad_()
+        ids, adv, ref = torch.randint(0, V, (1, 3), generator=g), torch.randn(1, generator=g), torch.randn(1, 3)
+        mask = torch.tensor([[1, 1, 0]])
+        policy_loss(x, ids, mask, adv, ref_logps=ref, config=cfg, inplace_grad=True).loss.backward()
+        with torch.no_grad():
+            policy_loss(x, ids, mask, adv, ref_logps=ref, config=cfg)
     # the fused linear head: compacted rows, softcapping, bf16 chunks
     h = torch.randn(2, 4, 16, dtype=torch.bfloat16, generator=g).requires_grad_()
     w = torch.randn(4096 + 64, 16, dtype=torch.bfloat16, generator=g).requires_grad_()
-    for cfg in CONFIGS[:2]:
+    for cfg in CONFIGS[:2] + CONFIGS[-1:]:
         ids = torch.randint(0, w.shape[0], (2, 4), generator=g)
         kw = {"ref_logps": torch.randn(2, 4, generator=g)} if cfg.beta else {}
+        kw |= {"old_logps": torch.randn(2, 4, generator=g)} if cfg.loss_type == "vespo" else {}
         mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])  # padding: compacted rows
         out = fused_linear_policy_loss(h, w, ids, mask, torch.randn(2, generator=g), config=cfg,
                                        final_logit_softcapping=30.0, chunk_size=3, **kw)  # fmt: skip
@@ -68,8 +84,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     try:
         _run_cases()
     finally:
-        for k in KERNELS.values():
-            k.pre_run_hooks.clear()
+        _aot_compile.stop(KERNELS)
     path = tmp_path / "calls.pkl"
     path.write_bytes(pickle.dumps(calls))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -88,4 +103,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert any(r["constexprs"].get("HAS_ROWS") and r["constexprs"].get("HAS_SOFTCAP") for r in rows)
     wide = [r for r in rows if r["kernel"].endswith("_rows") and r["constexprs"]["ALIGNED"]]
     assert wide and all(r["vector_loads"] > 0 for r in wide), wide
-    assert all(r["vector_stores"] > 0 for r in wide if r["kernel"] == "_backward_rows"), wide
+    assert all(r["vector_stores"] > 0 for r in wide if r["constexprs"].get("GRAD", True)), wide
+    modes = {(r["constexprs"]["STATS"], r["constexprs"]["GRAD"]) for r in rows if r["kernel"] == "_rows"}
+    assert modes == {(True, True), (True, False), (False, True)}
+    for r in rows:  # one program of the widest blocks fits an SM's registers: rows in flight are what we ask
+        assert r["registers"] * 32 * r["num_warps"] <= 65536, r

@@ -9,14 +9,16 @@ from hypothesis import strategies as st
 
 from papo_kernels import PolicyLossConfig, PolicyLossOutput
 from papo_kernels.loss import loss_from_logps, policy_loss_reference, token_logps_and_entropy
-from tests.kernels._policy_loss_cases import configs, input_options, kwargs_of, make_case, trl_compute_loss
+from tests.kernels._policy_loss_cases import (
+    configs,
+    input_options,
+    kwargs_of,
+    make_case,
+    trl_compute_loss,
+    trl_logps_and_entropy,
+)
 
 B, T, V = 3, 6, 11
-
-
-def _trl_logps_entropy(logits, ids, temperature):
-    logp_all = torch.log_softmax(logits / temperature, -1)
-    return logp_all.gather(-1, ids[..., None]).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
 
 
 @given(cfg=configs(T=T), opts=input_options(), seed=st.integers(0, 2**16))
@@ -31,8 +33,8 @@ def test_reference_matches_trl(cfg, opts, seed):
     out.loss.backward()
 
     trl_logits = case["logits"].clone().requires_grad_()
-    logps, entropy = _trl_logps_entropy(trl_logits, case["completion_ids"], cfg.temperature)
-    trl_loss, trl_metrics = trl_compute_loss(logps, entropy, case, cfg)
+    logps, entropy = trl_logps_and_entropy(trl_logits, case["completion_ids"], cfg.temperature)
+    trl_loss, trl_metrics, _ = trl_compute_loss(logps, entropy, case, cfg)
     trl_loss.backward()
 
     torch.testing.assert_close(out.loss, trl_loss, rtol=1e-12, atol=1e-14)

@@ -6,11 +6,12 @@ from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from papo_kernels import PolicyLossConfig, policy_loss
-from papo_kernels.loss.rows import _backward_rows, _forward_rows
-from papo_kernels.loss.terms import _finalize_kernel, _sequence_kernel
+from papo_kernels.loss.batch import _count_kernel, _finalize_kernel, _quantile_kernel, _sequence_kernel
+from papo_kernels.loss.rows import _rows, _scale_rows
 from tests.kernels._policy_loss_cases import kwargs_of, make_case
 
-KERNELS = (_forward_rows, _backward_rows, _sequence_kernel, _finalize_kernel)
+KERNELS = (_rows, _scale_rows, _sequence_kernel, _finalize_kernel, _quantile_kernel, _count_kernel)
+OPTIONS = dict(top_entropy_quantile=0.3, off_policy_mask_threshold=0.0)  # two phases, the quantile kernel
 
 
 def _step(T: int, V: int, device: str, cfg: PolicyLossConfig, B: int = 1, dtype=torch.float32):
@@ -31,21 +32,31 @@ def _specialization_keys(kernel, calls) -> set[str]:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's kernel objects; CUDA counts real variants")
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level", ["token", "sequence", "vespo-masks"])
 def test_completion_length_does_not_specialize(level):
-    calls = {k: [] for k in KERNELS}
+    """Every launch of a completion length has a launch of the same specialisation at the other lengths."""
+    calls = {k: {} for k in KERNELS}
+    length = [0]
     for k in KERNELS:
-        k.add_pre_run_hook(lambda *a, _k=k, **kw: calls[_k].append((a, kw)))
+        k.add_pre_run_hook(lambda *a, _k=k, **kw: calls[_k].setdefault(length[0], []).append((a, kw)))
     try:
-        cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level=level, beta=0.1, entropy_coef=0.01)
+        if level == "vespo-masks":
+            cfg = PolicyLossConfig(loss_type="vespo", beta=0.1, entropy_coef=0.01, **OPTIONS)
+        else:
+            cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level=level, beta=0.1, entropy_coef=0.01)
         for T in (100, 101, 257):
+            length[0] = T
             _step(T, 24, "cpu", cfg)  # 24 * T is a multiple of 16 for some T and not others
     finally:
         for k in KERNELS:
             k.pre_run_hooks.clear()
+    assert bool(calls[_quantile_kernel]) == (level == "vespo-masks")
+    assert bool(calls[_count_kernel]) == (level == "token")  # the single-phase pre-pass
+    assert all(calls[k] for k in KERNELS if k not in (_quantile_kernel, _count_kernel))
     for k in KERNELS:
-        assert len(calls[k]) == 3, k.__name__
-        assert len(_specialization_keys(k, calls[k])) == 1, k.__name__
+        keys = [_specialization_keys(k, launches) for launches in calls[k].values()]
+        assert all(key == keys[0] for key in keys), k.__name__
+        assert len({len(launches) for launches in calls[k].values()}) <= 1, k.__name__
 
 
 def _variants(kernel) -> int:
@@ -78,6 +89,16 @@ def _big_step(B: int, T: int, V: int, cfg: PolicyLossConfig):
 @pytest.mark.cuda
 def test_completion_length_compiles_once_cuda():
     cfg = PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01)
+    _step(64, 32000, "cuda", cfg, B=2, dtype=torch.bfloat16)
+    before = {k: _variants(k) for k in KERNELS}
+    for T in (100, 101, 257, 4096):
+        _step(T, 32000, "cuda", cfg, B=2, dtype=torch.bfloat16)
+    assert {k: _variants(k) for k in KERNELS} == before
+
+
+@pytest.mark.cuda
+def test_options_compile_once_cuda():
+    cfg = PolicyLossConfig(loss_type="vespo", beta=0.04, entropy_coef=0.01, **OPTIONS)
     _step(64, 32000, "cuda", cfg, B=2, dtype=torch.bfloat16)
     before = {k: _variants(k) for k in KERNELS}
     for T in (100, 101, 257, 4096):

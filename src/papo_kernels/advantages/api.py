@@ -10,10 +10,10 @@ Which check happens where:
 * Value checks (``+-inf`` rewards, non-finite weights, a non-finite ``outcome``, ``+-inf`` process scores, NaN in
   ``correct``) are computed in the same kernel launch into the result's ``error`` flag (the torch reference
   computes the same flag). On CPU it is read at once and raises at once, whatever ``validate`` says. On CUDA
-  ``validate=False`` (the default) never synchronises: the result carries the flag and ``result.check()`` raises the same ``ValueError`` where the
-  caller synchronises anyway (``PAPOTrainer`` does it when it logs); ``validate=True`` reads it at once, one
-  device synchronisation. ``dynamic_sampling_mask`` and
-  ``pass_rate_buckets`` return plain tensors: on CUDA with ``validate=False`` their value check is skipped.
+  ``validate=False`` (the default) never synchronises: the result carries the flag and ``result.check()`` raises
+  the same ``ValueError`` where the caller synchronises anyway (``PAPOTrainer`` does it when it logs);
+  ``validate=True`` reads it at once, one device synchronisation. ``dynamic_sampling_mask`` and
+  ``pass_rate_buckets`` return plain tensors: on CUDA their value check needs ``validate=True``.
 
 On CUDA a call is one Triton launch, no host synchronisation (unless ``validate=True``), and CUDA-graph capturable.
 """

@@ -1,4 +1,4 @@
-"""Clipped policy loss for group-relative RL (GRPO, DAPO, Dr.GRPO, GSPO, CISPO, SAPO, LUSPO), TRL semantics."""
+"""Policy loss for group-relative RL (GRPO, DAPO, Dr.GRPO, GSPO, CISPO, SAPO, LUSPO, VESPO), TRL 1.16 semantics."""
 
 from .config import LOSS_TYPES, PolicyLossConfig, PolicyLossOutput
 from .fused_linear import fused_linear_policy_loss, linear_logits

@@ -10,7 +10,7 @@ import torch
 
 from .._runtime import require
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IS_LEVELS = ("token", "sequence")
 
 
@@ -20,8 +20,8 @@ class PolicyLossConfig:
 
     Attributes:
         loss_type: ``"dapo"`` (default). Per-token loss and aggregation: ``grpo``/``sapo`` mean of per-sequence
-            token means; ``bnpo`` token mean; ``dr_grpo`` sum / (B * max_completion_length); ``dapo``/``cispo``
-            sum / num_items_in_batch; ``luspo`` mean over sequences of the token sum.
+            token means; ``bnpo`` token mean; ``dr_grpo`` sum / (B * max_completion_length); ``dapo``/``cispo``/
+            ``vespo`` sum / num_items_in_batch; ``luspo`` mean over sequences of the token sum.
         epsilon_low: ``0.2``. Lower clip: ``clip(r, 1 - epsilon_low, 1 + epsilon_high)`` (TRL's ``epsilon``).
         epsilon_high: ``None`` (= ``epsilon_low``). Upper clip (DAPO clip-higher); for ``cispo`` the cap on the
             detached ratio, ``min(r, epsilon_high)``.
@@ -32,9 +32,18 @@ class PolicyLossConfig:
             sequence, ``exp(masked mean of logp - old_logp)``.
         temperature: ``1.0``. The logits are divided by it before the softmax.
         max_completion_length: ``None``. The ``dr_grpo`` normaliser (required for that loss type).
-        entropy_coef: ``0.0``. Entropy bonus: ``loss -= entropy_coef * masked token-mean entropy``.
+        entropy_coef: ``0.0``. Entropy bonus: ``loss -= entropy_coef * masked token-mean entropy`` (over the tokens
+            the policy term keeps when ``top_entropy_quantile < 1``). Adaptive entropy control (TRL's
+            ``use_adaptive_entropy``) passes the coefficient it applies to this micro-batch here.
         sapo_temperature_pos: ``1.0``. SAPO gate temperature for positive advantages.
         sapo_temperature_neg: ``1.05``. SAPO gate temperature for non-positive advantages.
+        vespo_k_pos, vespo_lambda_pos: ``2.0``, ``3.0``. VESPO's gamma weight ``phi(w) = exp(lambda (1 - w)) w^k``
+            of the sequence ratio ``w`` for advantages ``>= 0``.
+        vespo_k_neg, vespo_lambda_neg: ``3.0``, ``2.0``. The same for negative advantages.
+        top_entropy_quantile: ``1.0``. Keep in the policy term (and the entropy bonus) only the tokens whose entropy
+            is at or above the ``1 - top_entropy_quantile`` quantile of the batch's token entropies.
+        off_policy_mask_threshold: ``None``. Off-policy sequence mask: drop the policy term of a token whose
+            advantage is negative and whose sequence's mean ``sampling_logps - logp`` exceeds the threshold.
     """
 
     loss_type: str = "dapo"
@@ -49,6 +58,12 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    top_entropy_quantile: float = 1.0
+    off_policy_mask_threshold: float | None = None
 
     def __post_init__(self) -> None:
         require(self.loss_type in LOSS_TYPES, f"`loss_type` must be one of {LOSS_TYPES}, got {self.loss_type!r}")
@@ -68,6 +83,15 @@ class PolicyLossConfig:
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
             _finite(name, getattr(self, name))
             require(getattr(self, name) > 0, f"`{name}` must be > 0, got {getattr(self, name)}")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            _finite(name, getattr(self, name))
+        _finite("top_entropy_quantile", self.top_entropy_quantile)
+        require(
+            0.0 <= self.top_entropy_quantile <= 1.0,
+            f"`top_entropy_quantile` must lie in [0, 1], got {self.top_entropy_quantile}",
+        )
+        if self.off_policy_mask_threshold is not None:
+            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
         if self.loss_type == "dr_grpo":
             require(
                 self.max_completion_length is not None and self.max_completion_length > 0,
@@ -79,6 +103,15 @@ class PolicyLossConfig:
     def eps_high(self) -> float:
         """The effective upper clip (``epsilon_high``, or ``epsilon_low`` when unset), as TRL resolves it."""
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def two_phase(self) -> bool:
+        """Whether a token's gradient coefficient needs batch-wide statistics of the current log-probs or
+        entropies (sequence-level ratio, entropy quantile, off-policy mask, VESPO's sequence weight)."""
+        return (
+            self.importance_sampling_level == "sequence" or self.top_entropy_quantile < 1.0
+            or self.off_policy_mask_threshold is not None or self.loss_type == "vespo"
+        )  # fmt: skip
 
     @classmethod
     def from_trainer_args(cls, args) -> PolicyLossConfig:
@@ -98,7 +131,14 @@ class PolicyLossConfig:
             entropy_coef=get("entropy_coef", defaults.entropy_coef),
             sapo_temperature_pos=get("sapo_temperature_pos", defaults.sapo_temperature_pos),
             sapo_temperature_neg=get("sapo_temperature_neg", defaults.sapo_temperature_neg),
+            **{name: get(name, getattr(defaults, name)) for name in _TRL_EXTRA},
         )
+
+
+_TRL_EXTRA = (
+    "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "top_entropy_quantile",
+    "off_policy_mask_threshold",
+)  # fmt: skip
 
 
 def _finite(name: str, value) -> None:
@@ -117,9 +157,13 @@ class PolicyLossOutput(NamedTuple):
         entropy: ``[B, T]`` fp32, detached, 0 where masked.
         metrics: 0-dim detached tensors, logged as TRL logs them: ``entropy`` (masked mean), ``kl`` (when
             ``beta != 0``), ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (or
-            ``cispo_clip_ratio``; none for ``sapo``), ``policy_loss`` (the loss before the entropy bonus).
+            ``cispo_clip_ratio``; ``vespo/phi_seq_mean`` for ``vespo``), ``policy_loss`` (the loss before the
+            entropy bonus).
         sequence_loss: ``[B]`` fp32, detached: per-sequence masked sum of the per-token loss (after the
             importance-sampling weight and the KL term, before aggregation).
+        entropy_stats: ``[2]`` fp32, detached: the sum of the entropies over the tokens the entropy bonus acts on
+            (the mask, times the high-entropy mask when ``top_entropy_quantile < 1``) and their count, the window
+            statistics of TRL's adaptive entropy control.
     """
 
     loss: torch.Tensor
@@ -127,3 +171,4 @@ class PolicyLossOutput(NamedTuple):
     entropy: torch.Tensor
     metrics: dict[str, torch.Tensor]
     sequence_loss: torch.Tensor
+    entropy_stats: torch.Tensor | None = None

@@ -1,14 +1,19 @@
 """Fused linear policy loss: the loss and its gradients from hidden states and the LM head, one token chunk of
 logits at a time.
 
-For a chunk of (unmasked) tokens: ``logits = h @ W^T (+ b)`` (one GEMM, fp32 accumulation), the row kernel reads
-them once for log-probs, entropy and loss terms, the row-gradient kernel turns them into ``dL/dlogits`` in place,
-then ``grad_h = dlogits @ W`` and ``grad_W += dlogits^T @ h`` (fp32 accumulator): three GEMMs per chunk, gradients
-computed during the forward and scaled by the incoming gradient in the backward. Sequence-level importance
-sampling needs every log-prob before any coefficient, so it runs two phases (log-probs over all chunks, then the
-coefficients, then the chunks again: four GEMMs per chunk). The logits are ``softcap(logit_scale * (h W^T + b)) / T``
+For a chunk of (unmasked) tokens: ``logits = h @ W^T (+ b)`` (one GEMM, fp32 accumulation), one launch of the row
+kernel reads them once for log-probs, entropy and loss terms and again (from L2) to turn them into ``dL/dlogits``
+in place, then ``grad_h = dlogits @ W`` and ``grad_W += dlogits^T @ h`` (fp32 accumulator): three GEMMs per chunk,
+gradients computed during the forward and scaled by the incoming gradient in the backward. Sequence-level importance
+sampling, VESPO, the off-policy mask and the entropy quantile need every log-prob (or entropy) before any
+coefficient, so they run two phases (log-probs over all chunks, then the coefficients, then the chunks again: four
+GEMMs per chunk). The logits are ``softcap(logit_scale * (h W^T + b)) / T``
 as transformers computes them. A frozen head (``weight.requires_grad=False``, e.g. PEFT) gets no ``grad_W`` and no
 fp32 accumulator. Masked tokens are skipped (never projected).
+
+Logit bytes per chunk of C tokens (e bytes each): single phase ``5 C V e`` (the GEMM writes them, the row kernel reads
+them and overwrites them with the gradient, the two gradient GEMMs read it); two phases ``7 C V e`` (projected twice),
+``6 C V e`` when one chunk holds every token.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import torch
 from .._runtime import check_same_device, check_tensor, require, use_triton
 from .config import PolicyLossConfig, PolicyLossOutput
 from .inputs import check_ids, check_loss_inputs
+from .launch import fused_rows, grad_rows, prepare_weights, sequence_and_finalize, stats_rows
 from .naive import policy_loss_reference
-from .plan import Plan, backward_rows, finalize, forward_rows, make_plan, metrics_from_out, sequence_and_finalize
-from .terms import C_TOKENS
+from .plan import Plan, make_plan, output_from
 
 _OUT_DTYPE_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
 MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 256 << 20, 1 << 30
@@ -46,11 +51,13 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _chunked(plan: Plan, flat_h, weight, bias, rows, n_valid: int, chunk: int, cd, needs) -> tuple:
-    """All chunks: log-probs and loss terms, then ``dL/dlogits`` in place and the gradient GEMMs (unit upstream
-    gradient). ``rows`` lists the unmasked flat tokens (None when every token counts). Returns fp32 grads."""
+    """All chunks: log-probs and loss terms, ``dL/dlogits`` in place (one row-kernel launch per chunk in a single
+    phase) and the gradient GEMMs (unit upstream gradient). ``rows`` lists the unmasked flat tokens (None when every
+    token counts). Returns fp32 grads."""
     device, acc = flat_h.device, plan.acc
     V, D = weight.shape
     need_h, need_w, need_b = needs
+    grad = need_h or need_w or need_b
     w = weight.to(cd)
     b = None if bias is None else bias.to(cd)
     grad_h = torch.zeros(n_valid, D, dtype=acc, device=device) if need_h else None
@@ -66,13 +73,15 @@ def _chunked(plan: Plan, flat_h, weight, bias, rows, n_valid: int, chunk: int, c
         torch.mm(h, w.t(), out=logits)
         if b is not None:
             logits.add_(b)
-        forward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, rows=rows)
         return h, logits
 
+    def stats(c0: int, c1: int, logits) -> None:
+        stats_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, rows=rows)
+
+    def dlogits(kernel, c0: int, c1: int, logits) -> None:  # in place, statistics too with fused_rows
+        kernel(plan, logits, 0, V, c1 - c0, c0, c1 - c0, logits, 0, V, one, rows=rows)
+
     def gradients(c0: int, c1: int, h, logits) -> None:
-        if not (need_h or need_w or need_b):
-            return
-        backward_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, logits, 0, V, one, rows=rows)
         if grad_h is not None:
             _addmm_fp32(grad_h[c0:c1], logits, w)
         if grad_w is not None:
@@ -80,27 +89,35 @@ def _chunked(plan: Plan, flat_h, weight, bias, rows, n_valid: int, chunk: int, c
         if grad_b is not None:
             grad_b.add_(logits.sum(0, dtype=acc))
 
-    if plan.seq_level:  # every log-prob first, then the coefficients, then the chunks again (one chunk: kept)
+    if plan.two_phase:  # every log-prob and entropy first, then the coefficients, then the chunks again
         last = None
         for span in spans:
             last = project(*span)
+            stats(*span, last[1])
         sequence_and_finalize(plan)
-        for span in spans:
-            gradients(*span, *(last if len(spans) == 1 else project(*span)))
-    else:  # weights depend on the mask only: each chunk's gradients right after its log-probs
-        plan.part[:, C_TOKENS.value] = plan.mask.to(acc).sum(-1)
-        finalize(plan)
-        for span in spans:
-            gradients(*span, *project(*span))
-        sequence_and_finalize(plan)
+        for span in spans if grad else ():
+            h, logits = last if len(spans) == 1 else project(*span)
+            dlogits(grad_rows, *span, logits)
+            gradients(*span, h, logits)
+        return grad_h, grad_w, grad_b
+    if grad:  # the weights depend on the mask only: each chunk's gradient in the launch that reads its log-probs
+        prepare_weights(plan)
+    for span in spans:
+        h, logits = project(*span)
+        if grad:
+            dlogits(fused_rows, *span, logits)
+            gradients(*span, h, logits)
+        else:
+            stats(*span, logits)
+    sequence_and_finalize(plan)
     return grad_h, grad_w, grad_b
 
 
 class FusedLinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
-                importance_sampling_ratio, sequence_scale, num_items_in_batch, config, logit_scale, softcap,
-                chunk_size, grad_enabled):  # fmt: skip
+                importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config, logit_scale,
+                softcap, chunk_size, grad_enabled):  # fmt: skip
         device = hidden.device
         cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
         B, T = completion_ids.shape
@@ -108,7 +125,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         plan = make_plan(
             completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
             sequence_scale, num_items_in_batch, config, torch.float64 if cd == torch.float64 else torch.float32,
-            device, logit_scale, softcap, zeroed=True,
+            device, logit_scale, softcap, zeroed=True, sampling_logps=sampling_logps,
         )  # fmt: skip
         rows = (plan.mask.reshape(-1) != 0).nonzero().squeeze(1)
         n_valid = rows.numel()
@@ -144,7 +161,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         if grad_b is not None:
             db = grad_b.mul_(go).to(b_dtype)
         ctx.grads = ctx.rows = None
-        return (dh, dw, db) + (None,) * 13
+        return (dh, dw, db) + (None,) * 14
 
 
 def fused_linear_policy_loss(
@@ -158,6 +175,7 @@ def fused_linear_policy_loss(
     old_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
     importance_sampling_ratio: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | float | None = None,
     sequence_scale: torch.Tensor | None = None,
     logit_scale: float = 1.0,
@@ -193,24 +211,23 @@ def fused_linear_policy_loss(
     check_same_device(hidden=hidden, weight=weight, bias=bias, completion_ids=completion_ids)
     check_loss_inputs(
         completion_ids.shape, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-        sequence_scale, config.beta,
+        sequence_scale, config.beta, sampling_logps,
     )  # fmt: skip
     check_ids(completion_ids, weight.shape[0])
     kwargs = dict(
         old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-        num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
+        sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
     )  # fmt: skip
     if not use_triton(hidden):
         logits = linear_logits(hidden, weight, bias, logit_scale, final_logit_softcapping)
         return policy_loss_reference(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
     loss, logps, entropy, seq, out = FusedLinearPolicyLossFunction.apply(
         hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
-        importance_sampling_ratio, sequence_scale, num_items_in_batch, config, float(logit_scale),
+        importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config, float(logit_scale),
         None if final_logit_softcapping is None else float(final_logit_softcapping), chunk_size,
         torch.is_grad_enabled(),
     )  # fmt: skip
-    metrics = metrics_from_out(out, config)
-    return PolicyLossOutput(loss=loss, per_token_logps=logps, entropy=entropy, metrics=metrics, sequence_loss=seq)
+    return output_from(loss, logps, entropy, seq, out, config)
 
 
 def linear_logits(hidden, weight, bias=None, logit_scale: float = 1.0, softcap: float | None = None):

@@ -16,6 +16,7 @@ def check_loss_inputs(
     importance_sampling_ratio: torch.Tensor | None,
     sequence_scale: torch.Tensor | None,
     beta: float,
+    sampling_logps: torch.Tensor | None = None,
 ) -> None:
     """Shapes of everything beside the logits, given the ``[B, T]`` token shape; raises ``ValueError``."""
     B, T = per_token_shape
@@ -29,7 +30,7 @@ def check_loss_inputs(
         tuple(advantages.shape) in ((B,), (B, T)),
         f"`advantages` must have shape {(B,)} or {(B, T)}, got {tuple(advantages.shape)}",
     )
-    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
         if t is not None:
             check_tensor(name, t, ndim=2, floating=True)
             require(tuple(t.shape) == (B, T), f"`{name}` must have shape {(B, T)}, got {tuple(t.shape)}")
@@ -52,6 +53,7 @@ def check_loss_inputs(
         advantages=advantages,
         old_logps=old_logps,
         ref_logps=ref_logps,
+        sampling_logps=sampling_logps,
         importance_sampling_ratio=importance_sampling_ratio,
         sequence_scale=sequence_scale,
     )

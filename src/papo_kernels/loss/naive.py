@@ -7,14 +7,22 @@ With ``r = exp(log_ratio)`` (per token, or per sequence as ``exp(masked mean log
 * ``grpo``/``bnpo``/``dr_grpo``/``dapo``/``luspo``: ``-min(min(r, delta) * A, clip(r, 1 - eps_low, 1 + eps_high) * A)``
 * ``cispo``: ``-sg(min(r, eps_high)) * A * logp``
 * ``sapo``: ``-4 sigmoid(tau (r - 1)) / tau * A``, ``tau = tau_pos if A > 0 else tau_neg``
+* ``vespo``: ``-sg(phi) * A * logp`` with the gamma weight ``phi = exp(lambda + k ln w - lambda w)`` of the sequence
+  ratio ``ln w = clamp(sum_t m_t clamp(logp - old, -20, 20) + sum_t clamp(ln is_ratio, ln 1e-8, 20), ln 1e-8, 20)``
+  (``k, lambda`` by the sign of ``A``)
 
-then times the vLLM importance-sampling weight, plus ``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1``
+then times the off-policy mask (``A >= 0`` or the sequence's masked mean of ``sampling_logps - logp`` at most
+``off_policy_mask_threshold``) and the high-entropy mask (entropy at or above the ``1 - top_entropy_quantile``
+quantile of the batch's token entropies, TRL's fp32 ``torch.quantile``), times the vLLM importance-sampling weight
+(not for ``vespo``, whose ``w`` holds it), plus ``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1``
 (times ``r`` with ``use_bias_correction_kl``). The per-sequence masked sums are aggregated per ``loss_type`` (or
-weighted by ``sequence_scale``), and the entropy bonus ``entropy_coef * masked mean entropy`` is subtracted.
-Arithmetic runs in fp32, or fp64 for fp64 inputs.
+weighted by ``sequence_scale``), and the entropy bonus ``entropy_coef * mean entropy`` over the tokens the policy
+term keeps is subtracted. Arithmetic runs in fp32, or fp64 for fp64 inputs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,11 +55,13 @@ def loss_from_logps(
     old_logps: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
     importance_sampling_ratio: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | float | None = None,
     sequence_scale: torch.Tensor | None = None,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
 ) -> PolicyLossOutput:
-    """The policy loss from per-token log-probs ``[B, T]`` and entropies ``[B, T]`` (both differentiable)."""
+    """The policy loss from per-token log-probs ``[B, T]`` and entropies ``[B, T]`` (both differentiable).
+    ``sampling_logps`` (the sampler's log-probs, default ``old_logps``) feed the off-policy mask only."""
     check_tensor("per_token_logps", per_token_logps, ndim=2, floating=True)
     check_tensor("entropy", entropy, ndim=2, floating=True)
     require(
@@ -60,7 +70,7 @@ def loss_from_logps(
     )
     check_loss_inputs(
         per_token_logps.shape, completion_mask, advantages, old_logps, ref_logps,
-        importance_sampling_ratio, sequence_scale, config.beta,
+        importance_sampling_ratio, sequence_scale, config.beta, sampling_logps,
     )  # fmt: skip
     dtype = compute_dtype(per_token_logps)
     logps = per_token_logps.to(dtype)
@@ -70,6 +80,10 @@ def loss_from_logps(
     B = logps.shape[0]
 
     old = logps.detach() if old_logps is None else old_logps.to(dtype)
+    entropy = entropy.to(dtype)
+    entropy_mask = None
+    if config.top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(entropy.detach(), completion_mask, 1 - config.top_entropy_quantile)
     log_ratio = logps - old
     tokens = mask.sum(-1)
     if config.importance_sampling_level == "token":
@@ -91,12 +105,20 @@ def loss_from_logps(
     elif config.loss_type == "sapo":
         tau = torch.where(adv > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
         per_token_loss = -(torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau) * adv
+    elif config.loss_type == "vespo":
+        phi = gamma_weights(adv, log_ratio, mask, importance_sampling_ratio, config)
+        per_token_loss = -phi * adv * logps
     else:
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         if config.delta is not None:
             coef_1 = torch.clamp(coef_1, max=config.delta)
         per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
-    if importance_sampling_ratio is not None:
+    if config.off_policy_mask_threshold is not None:
+        sampling = old if sampling_logps is None else sampling_logps.to(dtype)
+        per_token_loss = per_token_loss * off_policy_mask(adv, logps, sampling, mask, config.off_policy_mask_threshold)
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
+    if importance_sampling_ratio is not None and config.loss_type != "vespo":
         per_token_loss = per_token_loss * importance_sampling_ratio.to(dtype)
     if kl is not None:
         per_token_loss = per_token_loss + config.beta * kl
@@ -111,17 +133,18 @@ def loss_from_logps(
         loss = sequence_loss.sum() / count.clamp(min=1.0)
     elif config.loss_type == "dr_grpo":
         loss = sequence_loss.sum() / (B * config.max_completion_length)
-    elif config.loss_type in ("dapo", "cispo"):
+    elif config.loss_type in ("dapo", "cispo", "vespo"):
         normalizer = count.clamp(min=1.0) if num_items_in_batch is None else num_items_in_batch
         loss = sequence_loss.sum() / torch.as_tensor(normalizer, dtype=dtype, device=sequence_loss.device)
     else:  # luspo
         loss = sequence_loss.mean()
     policy = loss.detach()
 
-    entropy = entropy.to(dtype)
     entropy_mean = (entropy * mask).sum() / count.clamp(min=1.0)
+    bonus_mask = mask if entropy_mask is None else mask * entropy_mask
+    bonus_sum, bonus_count = (entropy * bonus_mask).sum(), bonus_mask.sum()
     if config.entropy_coef != 0.0:
-        loss = loss - config.entropy_coef * entropy_mean
+        loss = loss - config.entropy_coef * (bonus_sum / bonus_count.clamp(min=1.0))
 
     def masked_mean(x: torch.Tensor) -> torch.Tensor:  # TRL's global_masked_mean of a clip flag, on this process
         if x.shape[1] == 1:  # one value per sequence (sequence-level ratio and [B] advantages): mean over B
@@ -139,6 +162,8 @@ def loss_from_logps(
         metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(low, high))
     elif config.loss_type == "cispo":
         metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > eps_high) & (adv > 0)).to(dtype).detach())
+    elif config.loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = masked_mean(phi)
     metrics["policy_loss"] = policy
 
     keep = mask > 0
@@ -148,7 +173,42 @@ def loss_from_logps(
         entropy=torch.where(keep, entropy.detach(), 0.0),
         metrics=metrics,
         sequence_loss=sequence_loss.detach(),
+        entropy_stats=torch.stack([bonus_sum, bonus_count]).detach(),
     )
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """Tokens whose entropy is at or above the ``q`` quantile of the unmasked entropies (fp32, linear
+    interpolation, as ``torch.quantile``); none when no token is unmasked."""
+    local = entropy[mask.bool()].float()
+    if local.numel() == 0:
+        return torch.zeros_like(entropy, dtype=torch.bool)
+    threshold = torch.quantile(local, q)
+    return (entropy * mask.float() >= threshold) & mask.bool()
+
+
+def off_policy_mask(adv, logps, sampling_logps, mask, threshold: float) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask: keep unless ``A < 0`` and the sequence's masked mean of
+    ``sampling_logps - logp`` (NaN counted as 0) exceeds ``threshold``. Detached; shaped like ``adv``."""
+    kl = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)
+    mean_kl = (kl * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((adv >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
+@torch.no_grad()
+def gamma_weights(adv, log_ratio, mask, importance_sampling_ratio, cfg: PolicyLossConfig) -> torch.Tensor:
+    """VESPO's detached gamma weight ``phi(w) = exp(lambda + k ln w - lambda w)`` of the sequence ratio ``w``
+    (every IS-ratio entry counts, masked or not, as in TRL); ``k`` and ``lambda`` (fp32, ``lambda >= 1e-4``) by the
+    sign of the advantage; non-finite weights are 0."""
+    low = math.log(1e-8)
+    ln_w = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+    if importance_sampling_ratio is not None:
+        ln_w = ln_w + torch.clamp(torch.log(importance_sampling_ratio), low, 20.0).sum(-1, keepdim=True)
+    ln_w = torch.clamp(ln_w, low, 20.0)
+    nonneg = adv >= 0
+    k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg)
+    lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * ln_w - lam * torch.exp(ln_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def policy_loss_reference(

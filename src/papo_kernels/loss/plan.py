@@ -1,9 +1,5 @@
-"""Launch plan shared by the logits and fused-linear paths: prepared inputs, O(B*T) buffers, kernel launchers.
-
-A forward is three launches: the row kernel (log-probs, entropy and, at token level, the loss terms), the
-sequence kernel (per-sequence sums; at sequence level also the coefficients) and the finalize kernel (weights,
-loss, metrics). The backward is one launch of the row-gradient kernel. Nothing here syncs with the host.
-"""
+"""The plan shared by the logits and fused-linear paths: prepared inputs, the scalar parameters and the O(B*T)
+buffers the kernels read and write (``launch.py`` runs the kernels on it)."""
 
 from __future__ import annotations
 
@@ -13,27 +9,23 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PolicyLossConfig
-from .rows import _backward_rows, _forward_rows
+from .config import PolicyLossConfig, PolicyLossOutput
 from .terms import (
     C_LOSS,
     LOSS_IDS,
     N_OUT,
+    N_PARAMS,
     N_PART,
+    O_BONUS,
     O_ENT,
-    O_ENT_W,
     O_HIGH,
     O_KL,
     O_LOW,
+    O_PHI,
     O_POLICY,
     O_REGION,
-    _finalize_kernel,
-    _sequence_kernel,
 )
 
-MAX_BLOCK_V = 4096  # vocabulary block of the row kernels (H100: 8 warps, 16 fp32 lanes per thread)
-BLOCK_T = 512  # tokens per step of the sequence kernel (fixed: no variant per completion length)
-BLOCK_B = 512  # sequences per step of the finalize kernel
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 _PARAMS: OrderedDict = OrderedDict()
 
@@ -41,24 +33,42 @@ _PARAMS: OrderedDict = OrderedDict()
 def params_tensor(cfg: PolicyLossConfig, dtype, device, logit_scale: float = 1.0, softcap: float | None = None):
     """The scalar parameters as a small tensor of the arithmetic dtype (cached: no copy per call)."""
     key = (cfg, dtype, str(device), float(logit_scale), softcap)
-    hit = _PARAMS.get(key)
-    if hit is not None:
-        _PARAMS.move_to_end(key)
-        return hit
+    return _cached(key, lambda: torch.tensor(_params(cfg, dtype, logit_scale, softcap), dtype=dtype, device=device))
+
+
+def _params(cfg: PolicyLossConfig, dtype, logit_scale: float, softcap: float | None) -> list[float]:
     inv_t = 1.0 / cfg.temperature
     k2 = math.log2(math.e) * inv_t * (logit_scale if softcap is None else 1.0)
-    # TRL builds the SAPO temperatures with torch.where over Python floats: they are fp32 values
-    taus = (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
-    tau_pos, tau_neg = (float(torch.tensor(v, dtype=torch.float32)) for v in taus)
+    # TRL builds the SAPO temperatures and VESPO's k and lambda with torch.where over Python floats (fp32 values),
+    # and torch.quantile takes its q as a tensor of the (fp32) entropies' dtype
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    vespo = [f32(cfg.vespo_k_pos), max(f32(cfg.vespo_lambda_pos), f32(1e-4))]
+    vespo += [f32(cfg.vespo_k_neg), max(f32(cfg.vespo_lambda_neg), f32(1e-4))]
+    opm = cfg.off_policy_mask_threshold
     values = [
-        cfg.epsilon_low, cfg.eps_high, cfg.delta or 0.0, cfg.beta, tau_pos, tau_neg,
-        cfg.entropy_coef, k2, logit_scale * inv_t, logit_scale, softcap or 1.0, float(cfg.max_completion_length or 1),
+        cfg.epsilon_low, cfg.eps_high, cfg.delta or 0.0, cfg.beta, f32(cfg.sapo_temperature_pos),
+        f32(cfg.sapo_temperature_neg), cfg.entropy_coef, k2, logit_scale * inv_t, logit_scale, softcap or 1.0,
+        float(cfg.max_completion_length or 1), *vespo, math.log(1e-8), 0.0 if opm is None else opm,
+        f32(1.0 - cfg.top_entropy_quantile), torch.finfo(dtype).max,
     ]  # fmt: skip
-    t = torch.tensor(values, dtype=dtype, device=device)
-    _PARAMS[key] = t
-    if len(_PARAMS) > 64:
-        _PARAMS.popitem(last=False)
-    return t
+    assert len(values) == N_PARAMS
+    return values
+
+
+def scalar_tensor(value: float, dtype, device) -> torch.Tensor:
+    """A one-element tensor holding ``value`` (cached like the parameters: no host-to-device copy per call)."""
+    key = ("scalar", float(value), dtype, str(device))
+    return _cached(key, lambda: torch.tensor([value], dtype=dtype, device=device))
+
+
+def _cached(key, make):
+    hit = _PARAMS.get(key)
+    if hit is None:
+        hit = _PARAMS[key] = make()
+        if len(_PARAMS) > 64:
+            _PARAMS.popitem(last=False)
+    _PARAMS.move_to_end(key)
+    return hit
 
 
 @dataclass
@@ -77,6 +87,7 @@ class Plan:
     ref: torch.Tensor | None
     isr: torch.Tensor | None
     isr_strides: tuple[int, int]
+    samp: torch.Tensor | None
     seq_scale: torch.Tensor | None
     num_items: torch.Tensor | float | None
     params: torch.Tensor
@@ -99,11 +110,20 @@ class Plan:
     def seq_level(self) -> bool:
         return self.cfg.importance_sampling_level == "sequence"
 
+    @property
+    def two_phase(self) -> bool:
+        return self.cfg.two_phase
+
+    @property
+    def ent_mask(self) -> bool:
+        return self.cfg.top_entropy_quantile < 1.0
+
     def flags_kw(self) -> dict:
         c = self.cfg
         return dict(
             LOSS=LOSS_IDS[c.loss_type], HAS_OLD=self.old is not None, HAS_KL=c.beta != 0.0,
-            BIAS_KL=c.use_bias_correction_kl, HAS_ISR=self.isr is not None, HAS_DELTA=c.delta is not None,
+            BIAS_KL=c.use_bias_correction_kl, HAS_ISR=self.isr is not None and c.loss_type != "vespo",
+            HAS_DELTA=c.delta is not None,
         )  # fmt: skip
 
     def sequence_loss(self) -> torch.Tensor:
@@ -122,14 +142,22 @@ def metrics_from_out(out: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torc
         metrics["clip_ratio/region_mean"] = at(O_REGION)
     elif cfg.loss_type == "cispo":
         metrics["cispo_clip_ratio"] = at(O_HIGH)
+    elif cfg.loss_type == "vespo":
+        metrics["vespo/phi_seq_mean"] = at(O_PHI)
     metrics["policy_loss"] = at(O_POLICY)
     return metrics
+
+
+def output_from(loss, logps, entropy, seq, out, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """The public output from the autograd function's outputs (metrics and entropy stats are views of ``out``)."""
+    stats = out[O_BONUS.value : O_BONUS.value + 2]
+    return PolicyLossOutput(loss, logps, entropy, metrics_from_out(out, cfg), seq, stats)
 
 
 def make_plan(
     completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
     sequence_scale, num_items_in_batch, cfg: PolicyLossConfig, acc: torch.dtype, device,
-    logit_scale: float = 1.0, softcap: float | None = None, zeroed: bool = False,
+    logit_scale: float = 1.0, softcap: float | None = None, zeroed: bool = False, sampling_logps=None,
 ) -> Plan:  # fmt: skip
     """Prepared inputs and buffers; ``zeroed`` when the row kernel will not visit every token (compacted rows)."""
     B, T = completion_ids.shape
@@ -144,7 +172,7 @@ def make_plan(
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(device=device, dtype=acc).reshape(1)
     # one allocation, every segment 16-element aligned (pointer alignment is part of Triton's specialization key)
-    sizes = [N] * 7 + [N_PART * B, B, N_OUT]
+    sizes = [N] * 7 + [N_PART.value * B, B, N_OUT]
     padded = [-(-n // 16) * 16 for n in sizes]
     alloc = torch.zeros if zeroed else torch.empty
     flat = alloc(sum(padded), dtype=acc, device=device)
@@ -155,82 +183,11 @@ def make_plan(
         old=None if old_logps is None else old_logps.to(device).contiguous(),
         ref=None if ref_logps is None else ref_logps.to(device).contiguous(),
         isr=isr, isr_strides=(0, 0) if isr is None else (isr.stride(0), isr.stride(1) if isr.shape[1] > 1 else 0),
+        samp=None if sampling_logps is None else sampling_logps.to(device).contiguous(),
         seq_scale=None if sequence_scale is None else sequence_scale.to(device).contiguous(),
         num_items=num_items_in_batch, params=params_tensor(cfg, acc, device, logit_scale, softcap),
         softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], g=views[4],
         ptl=views[5], kl=views[6], flags=alloc(N, dtype=torch.int32, device=device),
-        part=views[7].view(B, N_PART), w=views[8], out=views[9],
+        part=views[7].view(B, N_PART.value), w=views[8], out=views[9],
         loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
-    )  # fmt: skip
-
-
-def _block_v(V: int, backward: bool = False) -> tuple[int, int]:
-    """Vocabulary block and warps: 4096-wide blocks (8 warps forward; 16 backward, which holds more per element)."""
-    block = min(MAX_BLOCK_V, max(16, 1 << (int(V) - 1).bit_length()))
-    if block < 2048:
-        return block, 4
-    return block, 16 if backward else 8
-
-
-def _aligned(*strides: int) -> bool:
-    return all(s % 16 == 0 for s in strides)
-
-
-def forward_rows(plan: Plan, x, sxb: int, sxt: int, T_x: int, row0: int, n_rows: int, rows=None) -> None:
-    """Row kernel over ``n_rows`` logits rows (row ``i`` at ``x + (i // T_x) sxb + (i % T_x) sxt``) for the
-    flat tokens ``row0 + i`` (or ``rows[row0 + i]``)."""
-    if n_rows == 0:
-        return
-    block, warps = _block_v(x.shape[-1])
-    a0, a1 = plan.adv_strides
-    i0, i1 = plan.isr_strides
-    dummy = plan.logp
-    _forward_rows[(n_rows,)](
-        x, sxb, sxt, T_x, row0, dummy if rows is None else rows, plan.ids, plan.mask, x.shape[-1], plan.params,
-        plan.logp, plan.ent, plan.rmax, plan.log2s,
-        plan.adv, a0, a1, plan.old if plan.old is not None else dummy, plan.ref if plan.ref is not None else dummy,
-        plan.isr if plan.isr is not None else dummy, i0, i1, plan.T, plan.g, plan.ptl, plan.kl, plan.flags,
-        HAS_SOFTCAP=plan.softcap, HAS_ROWS=rows is not None, ALIGNED=_aligned(sxb, sxt), TERMS=not plan.seq_level,
-        BLOCK=block, num_warps=warps, **plan.flags_kw(),
-    )  # fmt: skip
-
-
-def sequence_and_finalize(plan: Plan) -> None:
-    """Per-sequence sums (and sequence-level coefficients), then weights, loss and metrics."""
-    a0, a1 = plan.adv_strides
-    i0, i1 = plan.isr_strides
-    dummy = plan.logp
-    one_per_seq = plan.seq_level and plan.adv.dim() == 1
-    _sequence_kernel[(plan.B,)](
-        plan.logp, plan.ent, plan.g, plan.ptl, plan.kl, plan.flags, plan.mask, plan.adv, a0, a1,
-        plan.old if plan.old is not None else dummy, plan.ref if plan.ref is not None else dummy,
-        plan.isr if plan.isr is not None else dummy, i0, i1, plan.part, plan.params, plan.T,
-        int(one_per_seq and plan.T > 1), SEQ_LEVEL=plan.seq_level, BLOCK_T=BLOCK_T, **plan.flags_kw(),
-    )  # fmt: skip
-    finalize(plan, per_seq_denom=one_per_seq or plan.T == 1)
-
-
-def finalize(plan: Plan, per_seq_denom: bool = False) -> None:
-    ni = plan.num_items
-    ni_mode = 0 if ni is None else (2 if isinstance(ni, torch.Tensor) else 1)
-    _finalize_kernel[(1,)](
-        plan.part, plan.w, plan.out, plan.loss, plan.params,
-        plan.seq_scale if plan.seq_scale is not None else plan.w, ni if ni_mode == 2 else plan.w,
-        plan.B, float(ni) if ni_mode == 1 else 0.0, int(per_seq_denom),
-        LOSS=LOSS_IDS[plan.cfg.loss_type], HAS_SCALE=plan.seq_scale is not None, NI_MODE=ni_mode, BLOCK_B=BLOCK_B,
-    )  # fmt: skip
-
-
-def backward_rows(
-    plan: Plan, x, sxb: int, sxt: int, T_x: int, row0: int, n_rows: int, dx, sdb: int, sdt: int, grad_out, rows=None
-) -> None:
-    """Row-gradient kernel: ``dx`` rows (same layout rules as ``forward_rows``) get ``grad_out * dL/dx``."""
-    if n_rows == 0:
-        return
-    block, warps = _block_v(x.shape[-1], backward=True)
-    _backward_rows[(n_rows,)](
-        x, sxb, sxt, T_x, row0, plan.logp if rows is None else rows, dx, sdb, sdt, plan.ids, plan.mask,
-        x.shape[-1], plan.T, plan.params, plan.rmax, plan.log2s, plan.ent, plan.g, plan.w, grad_out,
-        plan.out[O_ENT_W.value :], HAS_SOFTCAP=plan.softcap, HAS_ROWS=rows is not None,
-        ALIGNED=_aligned(sxb, sxt, sdb, sdt), ENT_GRAD=plan.cfg.entropy_coef != 0.0, BLOCK=block, num_warps=warps,
     )  # fmt: skip

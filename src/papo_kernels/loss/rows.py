@@ -1,19 +1,28 @@
-"""Row kernels over the logits: one program per token, streaming its vocabulary row in blocks.
+"""The row kernel over the logits: persistent programs, each streaming whole vocabulary rows in blocks.
 
-Forward (``_forward_rows``): one read of the row. With ``y`` the logits (or ``softcap * tanh(scale * x / softcap)``)
-and ``k2 = log2(e) * scale / T`` (``log2(e) / T`` with a softcap), it keeps in fp32 registers the running max ``m``
-of ``y``, ``s = sum_j 2^d_j`` and ``a = sum_j 2^d_j d_j`` with ``d_j = (y_j - m) k2``, rescaled whenever ``m``
-grows. Then ``log2 Z = log2 s`` (relative to ``m``), ``logp = ln2 ((y_id - m) k2 - log2 s)`` and the entropy
-``H = ln2 (log2 s - a / s)``. Differences ``y - m`` are taken before scaling, so large logits (1e4) lose nothing.
-It saves ``m`` and ``log2 s`` (O(1) per token) and, at token level, evaluates the loss terms of its token.
+One kernel, three modes (constexpr ``STATS`` / ``GRAD``):
 
-Backward (``_backward_rows``): a second read of the row, one write of ``dL/dx``, possibly into the logits:
-``dL/dz_j = c (1[j = id] - p_j) - h p_j (ln p_j + H)`` with ``c = dL/dlogp`` and ``h = dL/dH``, times
-``dz/dx`` (``scale / T``, and ``1 - tanh^2`` under a softcap). Rows whose ``c`` and ``h`` are zero (masked
-tokens, zero advantages) are written with zeros without being read.
+* statistics and gradient (single phase): per row, one read for the statistics, the token's loss terms and its
+  gradient coefficients, then a second read of the same row - from L2: the program has just streamed it, and it
+  goes through the blocks in reverse, most recently read first - writing ``dL/dx`` (possibly over the logits);
+* statistics only (the first phase of the two-phase path; also the forward without gradients);
+* gradient only (the second phase, with the coefficients the batch-wide kernels wrote).
 
-Vocabulary blocks are unmasked except the last, so loads vectorise; shapes and strides are runtime arguments
-(``ALIGNED`` tells the compiler the row offsets are multiples of 16 elements).
+Statistics: with ``y`` the logits (or ``softcap * tanh(scale * x / softcap)``) and ``k2 = log2(e) * scale / T``
+(``log2(e) / T`` with a softcap), the program keeps the running block maximum ``m`` of ``y`` and, per lane,
+``s = sum 2^d`` and ``a = sum 2^d d`` with ``d = (y - m) k2``, rescaled when ``m`` grows (one block reduction per
+block; the lane sums are reduced once per row). Then ``log2 Z = log2 s`` (relative to ``m``),
+``logp = ln2 ((y_id - m) k2 - log2 s)`` and ``H = ln2 (log2 s - a / s)``. Differences ``y - m`` are taken before
+scaling, so large logits (1e4) lose nothing. It saves ``m`` and ``log2 s`` (O(1) per token).
+
+Gradient: ``dL/dz_j = c (1[j = id] - p_j) - h p_j (ln p_j + H)`` with ``c = gs W_b dL/dlogp`` and ``h = gs dL/dH``
+(``gs``: the upstream gradient the caller announced, 1 by default), times ``dz/dx`` (``scale / T``, and
+``1 - tanh^2`` under a softcap). Rows whose mask is 0 are never read: their outputs are 0 and their gradient rows
+are written with zeros; rows whose ``c`` and ``h`` are 0 are read once and written with zeros.
+
+Vocabulary blocks are unmasked except the last, so loads vectorise; shapes and row strides are runtime arguments
+(``ALIGNED`` tells the compiler the row offsets are multiples of 16 elements; ``V``'s divisibility by 16 is left to
+Triton's specialisation, which never depends on ``B`` or ``T``).
 """
 
 from __future__ import annotations
@@ -21,13 +30,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .terms import P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
+from .terms import F_BONUS, P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
 
 LN2 = tl.constexpr(0.6931471805599453)
 NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully -inf blocks give no inf - inf
 FLOOR = tl.constexpr(-1100.0)  # exp2 of anything below underflows to 0 in fp32 and fp64
 
-_DNS = ["sxb", "sxt", "T_x", "row0", "V", "T", "sab", "sat", "sib", "sit", "sdb", "sdt"]
+_DNS = ["sxb", "sxt", "T_x", "row0", "n_rows", "T", "sab", "sat", "sib", "sit", "sdb", "sdt"]
 
 
 @triton.jit
@@ -39,80 +48,77 @@ def _cap(x, P, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _row(pid, row0, ROWS, T_x, sb, st, HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr):
-    """Flat token position of this program and the offset of its logits row."""
-    local = pid.to(tl.int64)
+def _row(i, row0, ROWS, T_x, sxb, sxt, sdb, sdt, HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr):
+    """Flat token position of local row ``i`` and the offsets of its logits and gradient rows."""
+    local = tl.cast(i, tl.int64)
     if HAS_ROWS:
         p = tl.load(ROWS + row0 + local).to(tl.int64)
     else:
         p = row0 + local
     xb = local // T_x
-    off = xb * sb + (local - xb * T_x) * st
+    xt = local - xb * T_x
+    off = xb * sxb + xt * sxt
+    doff = xb * sdb + xt * sdt
     if ALIGNED:
         off = tl.multiple_of(off, 16)
-    return p, off
+        doff = tl.multiple_of(doff, 16)
+    return p, off, doff
 
 
 @triton.jit
 def _fold(y, m, s, a, k2):
-    """Fold one block into the running (max, sum 2^d, sum 2^d d)."""
+    """Fold one block into the running maximum ``m`` and the lane sums ``s = sum 2^d``, ``a = sum 2^d d``."""
     new_m = tl.maximum(m, tl.max(y, axis=0))
     dm = (m - new_m) * k2
     c = tl.exp2(dm)
     d = tl.maximum((y - new_m) * k2, FLOOR)
     e = tl.exp2(d)
-    a = tl.where(s > 0, c * (a + s * dm), 0.0) + tl.sum(e * d, axis=0)
-    s = c * s + tl.sum(e, axis=0)
+    a = tl.where(s > 0, c * (a + s * dm), 0.0) + e * d
+    s = c * s + e
     return new_m, s, a
 
 
-@triton.jit(do_not_specialize=_DNS)
-def _forward_rows(
-    X, sxb, sxt, T_x, row0, ROWS, IDS, MASK, V, P,
-    LOGP, ENT, RMAX, LOG2S,
-    ADV, sab, sat, OLD, REF, ISR, sib, sit, T, G, PTL, KL, FLAGS,
-    HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, TERMS: tl.constexpr,
+@triton.jit
+def _row_stats(xrow, tgt, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """One read of a row: its maximum ``m``, ``log2 s``, the entropy and the target's log-prob."""
+    cols = tl.arange(0, BLOCK)
+    lanes = tl.zeros([BLOCK], zero.dtype)
+    m, s, a = zero + NEG, lanes, lanes
+    n_full = (V // BLOCK) * BLOCK
+    for start in range(0, n_full, BLOCK):
+        y = _cap(tl.load(xrow + start + cols).to(zero.dtype), P, HAS_SOFTCAP)
+        m, s, a = _fold(y, m, s, a, k2)
+    if n_full < V:
+        inb = n_full + cols < V
+        y = _cap(tl.load(xrow + n_full + cols, mask=inb, other=float("-inf")).to(zero.dtype), P, HAS_SOFTCAP)
+        m, s, a = _fold(tl.where(inb, y, float("-inf")), m, s, a, k2)
+    s_sum = tl.sum(s, axis=0)
+    log2s = tl.log2(s_sum)
+    ent = LN2 * (log2s - tl.sum(a, axis=0) / s_sum)
+    y_id = _cap(tl.load(xrow + tgt).to(zero.dtype), P, HAS_SOFTCAP)
+    return m, log2s, ent, ((y_id - m) * k2 - log2s) * LN2
+
+
+@triton.jit
+def _token_terms(
+    logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, G, PTL, KL, FLAGS,
     LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
-    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):  # fmt: skip
-    p, off = _row(tl.program_id(0), row0, ROWS, T_x, sxb, sxt, HAS_ROWS, ALIGNED)
-    acc = LOGP.dtype.element_ty
-    w = tl.load(MASK + p).to(acc)
-    zero = tl.sum(tl.zeros([BLOCK], acc), axis=0)
-    logp, ent, m, log2s = zero, zero, zero + NEG, zero
-    if w != 0:
-        k2 = tl.load(P + P_K2)
-        xrow = X + off
-        cols = tl.arange(0, BLOCK)
-        s, a = zero, zero
-        n_full = (V // BLOCK) * BLOCK
-        for start in range(0, n_full, BLOCK):
-            y = _cap(tl.load(xrow + start + cols).to(acc), P, HAS_SOFTCAP)
-            m, s, a = _fold(y, m, s, a, k2)
-        if n_full < V:
-            inb = n_full + cols < V
-            y = _cap(tl.load(xrow + n_full + cols, mask=inb, other=float("-inf")).to(acc), P, HAS_SOFTCAP)
-            m, s, a = _fold(tl.where(inb, y, float("-inf")), m, s, a, k2)
-        log2s = tl.log2(s)
-        ent = LN2 * (log2s - a / s)
-        y_id = _cap(tl.load(xrow + tl.load(IDS + p)).to(acc), P, HAS_SOFTCAP)
-        logp = ((y_id - m) * k2 - log2s) * LN2
-    tl.store(LOGP + p, logp)
-    tl.store(ENT + p, ent)
-    tl.store(RMAX + p, m)
-    tl.store(LOG2S + p, log2s)
-    if TERMS:
-        b = p // T
-        adv, old, ref, isr = _load_inputs(
-            logp, b, p - b * T, p, w != 0, ADV, sab, sat, OLD, REF, ISR, sib, sit, HAS_OLD, HAS_KL, HAS_ISR
-        )
-        r = tl.exp(logp - old)
-        ptl, d_lp, d_r, kl, low, high = _policy_terms(logp, ref, adv, isr, r, P, LOSS, HAS_DELTA, HAS_KL, BIAS_KL)
-        on = w != 0
-        tl.store(G + p, tl.where(on, w * (d_lp + d_r * r), 0.0))
-        tl.store(PTL + p, tl.where(on, ptl, 0.0))
-        tl.store(KL + p, tl.where(on, kl, 0.0))
-        tl.store(FLAGS + p, tl.where(on, low.to(tl.int32) + 2 * high.to(tl.int32), 0))
+    """Token-level loss terms of one token: stores them and returns ``dL/dlogp`` before the sequence weight."""
+    b = p // T
+    on = w != 0
+    adv, old, ref, isr = _load_inputs(logp, b, p - b * T, p, on, ADV, sab, sat, OLD, REF, ISR, sib, sit,
+                                      HAS_OLD, HAS_KL, HAS_ISR)  # fmt: skip
+    r = tl.exp(logp - old)
+    one = r * 0.0 + 1.0
+    ptl, d_lp, d_r, kl, low, high = _policy_terms(logp, ref, adv, isr, r, one, one, P, LOSS, HAS_DELTA, HAS_KL, BIAS_KL)
+    g = tl.where(on, w * (d_lp + d_r * r), 0.0)
+    tl.store(G + p, g)
+    tl.store(PTL + p, tl.where(on, ptl, 0.0))
+    tl.store(KL + p, tl.where(on, kl, 0.0))
+    tl.store(FLAGS + p, tl.where(on, low.to(tl.int32) + 2 * high.to(tl.int32), 0))
+    return g
 
 
 @triton.jit
@@ -130,27 +136,15 @@ def _grad_block(x, cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP: tl.conste
     return g
 
 
-@triton.jit(do_not_specialize=_DNS)
-def _backward_rows(
-    X, sxb, sxt, T_x, row0, ROWS, DX, sdb, sdt, IDS, MASK, V, T, P,
-    RMAX, LOG2S, ENT, G, W, GO, ENT_W,
-    HAS_SOFTCAP: tl.constexpr, HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, ENT_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+@triton.jit
+def _row_grad(
+    xrow, drow, V, tgt, m, log2s, ent, c, h, P, k2,
+    HAS_SOFTCAP: tl.constexpr, ENT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    p, off = _row(pid, row0, ROWS, T_x, sxb, sxt, HAS_ROWS, ALIGNED)
-    _, doff = _row(pid, row0, ROWS, T_x, sdb, sdt, HAS_ROWS, ALIGNED)
-    acc = RMAX.dtype.element_ty
-    kn = tl.load(P + P_KN)
-    go = tl.load(GO).to(acc)
-    c = go * tl.load(W + p // T) * tl.load(G + p) * kn
-    h = c * 0.0
-    if ENT_GRAD:
-        h = go * tl.load(ENT_W) * tl.load(MASK + p).to(acc) * kn
-    drow = DX + doff
+    """Write ``dL/dx`` of a row: zeros without reading it when ``c = h = 0``, else a read in reverse block order."""
     cols = tl.arange(0, BLOCK)
     n_full = (V // BLOCK) * BLOCK
-    out_t = DX.dtype.element_ty
+    out_t = drow.dtype.element_ty
     if (c == 0) & (h == 0):
         zeros = tl.zeros([BLOCK], out_t)
         for start in range(0, n_full, BLOCK):
@@ -158,19 +152,79 @@ def _backward_rows(
         if n_full < V:
             tl.store(drow + n_full + cols, zeros, mask=n_full + cols < V)
     else:
-        xrow = X + off
-        k2 = tl.load(P + P_K2)
-        m = tl.load(RMAX + p)
-        log2s = tl.load(LOG2S + p)
-        tgt = tl.load(IDS + p)
-        a0 = c + h * tl.load(ENT + p)
+        a0 = c + h * ent
         a1 = h * LN2
-        for start in range(0, n_full, BLOCK):
-            x = tl.load(xrow + start + cols).to(acc)
-            g = _grad_block(x, start + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
-            tl.store(drow + start + cols, g.to(out_t))
-        if n_full < V:
+        if n_full < V:  # the tail block was read last
             inb = n_full + cols < V
-            x = tl.load(xrow + n_full + cols, mask=inb, other=0.0).to(acc)
+            x = tl.load(xrow + n_full + cols, mask=inb, other=0.0).to(m.dtype)
             g = _grad_block(x, n_full + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
             tl.store(drow + n_full + cols, g.to(out_t), mask=inb)
+        for j in range(0, n_full // BLOCK):
+            start = n_full - (j + 1) * BLOCK
+            x = tl.load(xrow + start + cols).to(m.dtype)
+            g = _grad_block(x, start + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
+            tl.store(drow + start + cols, g.to(out_t))
+
+
+@triton.jit(do_not_specialize=_DNS)
+def _rows(
+    X, sxb, sxt, T_x, row0, n_rows, ROWS, DX, sdb, sdt, IDS, MASK, V, T, P, GS,
+    LOGP, ENT, RMAX, LOG2S, G, PTL, KL, FLAGS, W, ENT_W,
+    ADV, sab, sat, OLD, REF, ISR, sib, sit,
+    STATS: tl.constexpr, GRAD: tl.constexpr, TERMS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, ENT_GRAD: tl.constexpr, ENT_MASK: tl.constexpr,
+    LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
+    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Rows ``i`` of ``X`` (at ``(i // T_x) sxb + (i % T_x) sxt``) for the flat tokens ``row0 + i`` (or
+    ``ROWS[row0 + i]``), ``i`` striding over the programs; gradients go to the same rows of ``DX``."""
+    zero = tl.sum(tl.zeros([BLOCK], LOGP.dtype.element_ty), axis=0)
+    k2 = tl.load(P + P_K2)
+    for i in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        p, off, doff = _row(i, row0, ROWS, T_x, sxb, sxt, sdb, sdt, HAS_ROWS, ALIGNED)
+        w = tl.load(MASK + p).to(zero.dtype)
+        tgt = tl.load(IDS + p)
+        if STATS:
+            m, log2s, ent, logp = zero + NEG, zero, zero, zero
+            if w != 0:
+                m, log2s, ent, logp = _row_stats(X + off, tgt, V, P, k2, zero, HAS_SOFTCAP, BLOCK)
+            tl.store(LOGP + p, logp)
+            tl.store(ENT + p, ent)
+            tl.store(RMAX + p, m)
+            tl.store(LOG2S + p, log2s)
+            g = zero
+            if TERMS:
+                g = _token_terms(logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, G, PTL, KL, FLAGS,
+                                 LOSS, HAS_OLD, HAS_KL, BIAS_KL, HAS_ISR, HAS_DELTA)  # fmt: skip
+        else:
+            m, log2s, ent, g = tl.load(RMAX + p), tl.load(LOG2S + p), tl.load(ENT + p), tl.load(G + p)
+        if GRAD:
+            scale = tl.load(GS).to(zero.dtype) * tl.load(P + P_KN)
+            c = scale * tl.load(W + p // T) * g
+            h = zero
+            if ENT_GRAD:
+                h = scale * tl.load(ENT_W) * w
+                if ENT_MASK:  # only the tokens the high-entropy mask keeps
+                    h = tl.where((tl.load(FLAGS + p) & F_BONUS) != 0, h, 0.0)
+            _row_grad(X + off, DX + doff, V, tgt, m, log2s, ent, c, h, P, k2, HAS_SOFTCAP, ENT_GRAD, BLOCK)
+
+
+@triton.jit(do_not_specialize=["sdb", "sdt", "T_x", "n_rows"])
+def _scale_rows(DX, sdb, sdt, T_x, n_rows, V, GO, GS, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """``DX *= grad_output / gs`` over ``n_rows`` rows, unless the upstream gradient is the announced one (the
+    common case: each program reads two scalars and is done)."""
+    go = tl.load(GO)
+    gs = tl.load(GS).to(go.dtype)
+    if go != gs:
+        factor = go / gs
+        cols = tl.arange(0, BLOCK)
+        for i in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+            local = tl.cast(i, tl.int64)
+            xb = local // T_x
+            off = xb * sdb + (local - xb * T_x) * sdt
+            if ALIGNED:
+                off = tl.multiple_of(off, 16)
+            for start in range(0, V, BLOCK):
+                inb = start + cols < V
+                x = tl.load(DX + off + start + cols, mask=inb, other=0.0)
+                tl.store(DX + off + start + cols, (x.to(go.dtype) * factor).to(x.dtype), mask=inb)
