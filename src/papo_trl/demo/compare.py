@@ -17,8 +17,13 @@ from .run import METHODS, QUICK, evaluate, prepare, profile_for, train_rl, write
 __all__ = ["run_compare"]
 
 
-def run_compare(seed: int = 0, quick: bool = False, output_dir: str = "papo_demo_compare",
-                methods: tuple[str, ...] = ("grpo", "papo", "prm_only"), num_threads: int | None = None) -> dict:
+def run_compare(
+    seed: int = 0,
+    quick: bool = False,
+    output_dir: str = "papo_demo_compare",
+    methods: tuple[str, ...] = ("grpo", "papo", "prm_only"),
+    num_threads: int | None = None,
+) -> dict:
     """Train every method in ``methods`` from the same warm start; write ``summary.json`` and ``curves.png``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:

@@ -34,12 +34,11 @@ from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, set_seed
 
 from ..rewards import exact_answer_reward, step_checker_reward
+from . import METHODS, QUICK_ENV
 from .model import TinyModelSpec, build_model, build_tokenizer
 from .task import TaskSpec, make_splits
 
-METHODS = ("papo", "grpo", "prm_only")
 OUTCOME_KEY = "rewards/exact_answer_reward/mean"
-QUICK_ENV = "PAPO_DEMO_QUICK"
 
 
 @dataclass
@@ -238,8 +237,13 @@ def prepare(profile: DemoProfile, seed: int, output_dir: str, num_threads: int |
     return data, tokenizer, model, sft_seconds
 
 
-def run_demo(method: str = "papo", seed: int = 0, quick: bool = False, output_dir: str = "papo_demo",
-             num_threads: int | None = None) -> dict:
+def run_demo(
+    method: str = "papo",
+    seed: int = 0,
+    quick: bool = False,
+    output_dir: str = "papo_demo",
+    num_threads: int | None = None,
+) -> dict:
     """The whole demo for one method; writes ``summary.json`` and ``curves.png`` and returns the summary."""
     from .plots import plot_curves
 
