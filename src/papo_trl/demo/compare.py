@@ -53,6 +53,7 @@ def run_compare(
     summary = {
         "seed": seed, "quick": profile is QUICK, "methods": list(methods), "before": before, "runs": runs,
         "seconds": {"sft": sft_seconds, "total": time.perf_counter() - start}, "curves": curves,
+        "held_out_problems": run["held_out_problems"],
     }  # fmt: skip
     write_outputs(summary, output_dir, plot_curves)
     return summary
