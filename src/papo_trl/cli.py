@@ -89,7 +89,7 @@ class PAPOScriptArguments:
     reward_funcs: list[str] = field(
         default_factory=lambda: ["math_accuracy_reward"],
         metadata={"help": f"Outcome reward functions: {', '.join(OUTCOME_REWARDS + PROCESS_REWARDS)} (PRM-only "
-                          f"runs) or a dotted import path; correctness is read from the correctness_reward_index-th."},
+                          f"runs) or a dotted import path; the one at correctness_reward_index decides correctness."},
     )  # fmt: skip
     process_reward_funcs: list[str] = field(
         default_factory=lambda: ["rubric_judge"],
