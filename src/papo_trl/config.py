@@ -26,6 +26,15 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_ranges(args) -> None:
+    """Reject the out-of-range numbers that TRL would take silently (or fail on much later)."""
+    for name in ("learning_rate", "lambda_process", "beta", "epsilon"):
+        if not (_finite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {getattr(args, name)!r}")
+    if args.epsilon_high is not None and not (_finite(args.epsilon_high) and args.epsilon_high >= args.epsilon):
+        raise ValueError(f"`epsilon_high` must be >= `epsilon` ({args.epsilon}), got {args.epsilon_high!r}")
+
+
 @dataclass
 class PAPOConfig(GRPOConfig):
     r"""
@@ -157,6 +166,7 @@ class PAPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _check_ranges(self)
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             raise ValueError(
                 f"`advantage_estimator` must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; "

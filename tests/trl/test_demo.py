@@ -120,6 +120,8 @@ def _check_outputs(out_dir, methods):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     numbers = list(_finite_numbers(summary))
     assert numbers and all(math.isfinite(x) for x in numbers)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["curves.png", "summary.json"]  # no empty trainer folders
+    assert 0 < summary["held_out_problems"]["curve"] <= summary["held_out_problems"]["total"]
     for method in methods:
         held_out = summary["curves"][method]["held_out"]
         assert held_out[0]["step"] == 0 and len(held_out) >= 2
@@ -175,3 +177,17 @@ def test_curve_recorder_flags_non_finite_training():
     recorder.on_log(None, SimpleNamespace(global_step=3), None, logs={"train_runtime": 1.0})  # summary row: skipped
     assert recorder.non_finite == ["loss@2", "grad_norm@3"]
     assert [row["step"] for row in recorder.train] == [1, 2, 3]
+
+
+def test_plot_names_the_evaluation_subset(tmp_path, monkeypatch):
+    from papo_trl.demo import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    rows = [{"step": s, "accuracy": 0.5, "process_score": 0.5} for s in (0, 25)]
+    train = [{"step": s, plots.OUTCOME_KEY: 0.5, "completions/mean_length": 9.0} for s in (1, 2)]
+    plots.plot_curves({"papo": {"train": train, "held_out": rows}}, str(tmp_path / "c.png"), title="t",
+                      held_out_problems={"curve": 200, "total": 500})  # fmt: skip
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert sum("200 of the 500 held-out problems" in t for t in titles) == 2
+    assert (tmp_path / "c.png").stat().st_size > 10_000

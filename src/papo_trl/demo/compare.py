@@ -17,8 +17,13 @@ from .run import METHODS, QUICK, evaluate, prepare, profile_for, train_rl, write
 __all__ = ["run_compare"]
 
 
-def run_compare(seed: int = 0, quick: bool = False, output_dir: str = "papo_demo_compare",
-                methods: tuple[str, ...] = ("grpo", "papo", "prm_only"), num_threads: int | None = None) -> dict:
+def run_compare(
+    seed: int = 0,
+    quick: bool = False,
+    output_dir: str = "papo_demo_compare",
+    methods: tuple[str, ...] = ("grpo", "papo", "prm_only"),
+    num_threads: int | None = None,
+) -> dict:
     """Train every method in ``methods`` from the same warm start; write ``summary.json`` and ``curves.png``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -48,6 +53,7 @@ def run_compare(seed: int = 0, quick: bool = False, output_dir: str = "papo_demo
     summary = {
         "seed": seed, "quick": profile is QUICK, "methods": list(methods), "before": before, "runs": runs,
         "seconds": {"sft": sft_seconds, "total": time.perf_counter() - start}, "curves": curves,
+        "held_out_problems": run["held_out_problems"],
     }  # fmt: skip
     write_outputs(summary, output_dir, plot_curves)
     return summary

@@ -28,10 +28,14 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(curves: dict[str, dict], path: str, title: str = "") -> None:
-    """``curves[method] = {"train": [log rows], "held_out": [eval rows]}``, every row holding a ``step``."""
+def plot_curves(curves: dict[str, dict], path: str, title: str = "", held_out_problems: dict | None = None) -> None:
+    """``curves[method] = {"train": [log rows], "held_out": [eval rows]}``, every row holding a ``step``;
+    ``held_out_problems = {"curve": n, "total": N}`` names the evaluation subset of the held-out panels."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (source, key, label) in zip(axes.flat, PANELS, strict=True):
+        if source == "held_out" and held_out_problems:
+            n, total = held_out_problems["curve"], held_out_problems["total"]
+            label = f"{label}\n{n} of the {total} held-out problems" if n < total else f"{label}, {n} problems"
         for method, curve in curves.items():
             rows = [r for r in curve[source] if r.get(key) is not None and r[key] == r[key]]
             steps, values = [r["step"] for r in rows], [r[key] for r in rows]
