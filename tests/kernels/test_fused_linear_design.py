@@ -60,7 +60,7 @@ def test_default_chunks_keep_the_peak_at_or_below_trl(head, n):
     allows on the 0.5B head, and a peak at or below TRL's at every size."""
     D, V = HEADS[head]
     limit = chunked.chunk_limit(n, V, D, 2, 2, True)
-    assert limit * V * 2 <= 2 * V * D + 2 * n * D + chunked.TILE_BYTES < (limit + 1) * V * 2
+    assert limit * V * 2 <= 2 * V * D + 2 * n * D + 4096 * 32768 * 2 < (limit + 1) * V * 2
     spans = chunked.chunk_spans(n, limit)
     ours, trl = peaks(n, D, V, spans[0][1], len(spans))
     assert ours <= trl

@@ -21,12 +21,13 @@ row kernel's gradient pass, G2 and G3 (a single chunk keeps its logits: three GE
 runs the row kernel of one half on a second stream while the current stream projects the other half (and computes
 the first half's G2), so the bandwidth-bound row kernel can fill what the compute-bound GEMMs leave idle.
 
-Memory beyond the inputs, bytes: ``C V e`` (the buffer) + ``4 n D`` (fp32 ``grad_h``) + ``4 V D`` (the accumulator:
-weight gradient and more than one chunk) + ``e n D`` (the gathered hidden states, with padding) + O(B*T); at the end,
-the casts add ``e N D + e_w V D`` while the buffer is gone. TRL 1.16's chunked path holds ``4 V D + 4 N D`` of fp32
-gradients, its ``[4096, 32768]`` tile (``TILE_BYTES``) and, at the end of its backward, its casts ``e N D + e_w V D``
-(and its caller's gathered ``h[mask]``, ``e N D``). :func:`chunk_limit` keeps ``C V e <= e_w V D + e n D +
-TILE_BYTES`` (``e_w V D`` only with a weight gradient), so the peak stays at or below TRL's.
+Memory beyond the inputs, bytes (``e_w``: the weight's element size): ``C V e`` (the buffer) + ``4 n D`` (fp32
+``grad_h``) + the weight gradient, ``4 V D`` (the accumulator, more than one chunk) or ``e_w V D`` (one chunk) + ``e
+n D`` (the gathered hidden states, with padding) + O(B*T); at the end the buffer is gone and the casts add ``e N D``
+and, with an accumulator, ``e_w V D``. TRL 1.16's chunked path holds ``4 V D + 4 N D`` of fp32 gradients, its
+``[min(N, 4096), 32768]`` tile (``TILE``) and, at the end of its backward, its casts ``e N D + e_w V D`` (and its
+caller's gathered ``h[mask]``, ``e N D``). :func:`chunk_limit` keeps ``C V e`` within ``e_w V D + e n D`` plus the
+tile's bytes (``e_w V D`` only with a weight gradient): our peak stays ``e n D`` or more below TRL's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch
 from .launch import fused_rows, grad_rows, prepare_weights, sequence_and_finalize, stats_rows
 from .plan import Plan
 
-TILE_BYTES = 4096 * 32768 * 2  # TRL 1.16's projection tile: 4,096 tokens x 32,768 vocabulary columns in bf16
+TILE = (4096, 32768)  # TRL 1.16's projection tile: up to 4,096 tokens x 32,768 vocabulary columns
 MAX_CHUNK = 16384  # tokens
 OVERLAP_ROWS = False  # row kernel on a second stream, concurrent with the GEMMs (see the module docstring)
 _OUT_DTYPE = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)  # mm/addmm(out_dtype=) on CUDA
@@ -48,10 +49,10 @@ _SIDE: dict = {}
 
 
 def chunk_limit(n: int, V: int, D: int, e: int, e_w: int, weight_grad: bool, free_bytes: int | None = None) -> int:
-    """Most tokens a chunk may hold: ``C V e <= e_w V D [weight_grad] + e n D + TILE_BYTES`` (TRL's peak bound, see
-    the module docstring) and, given ``free_bytes``, ``C V e <= free_bytes / 4``; at least 128, at most
+    """Most tokens a chunk may hold: ``C V e <= e_w V D [weight_grad] + e n D + min(n, 4096) 32768 e`` (TRL's peak
+    bound, see the module docstring) and, given ``free_bytes``, ``C V e <= free_bytes / 4``; at least 128, at most
     ``MAX_CHUNK``."""
-    budget = (e_w * V * D if weight_grad else 0) + e * n * D + TILE_BYTES
+    budget = (e_w * V * D if weight_grad else 0) + e * n * D + min(n, TILE[0]) * TILE[1] * e
     if free_bytes is not None:
         budget = min(budget, free_bytes // 4)
     return max(128, min(MAX_CHUNK, budget // (V * e)))
