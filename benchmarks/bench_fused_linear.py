@@ -315,10 +315,12 @@ FIRST_RUN = {("qwen2.5-7b", 4096): (29.6, 29.7), ("qwen2.5-7b", 16384): (104.5, 
 FIXED_LAUNCHES = {"first run": 20, "before": 20, "after": 13}  # a call's launches besides the chunks' (see the .md)
 
 
-def gemm_ms(M: int, N: int, K: int, out_bytes: int, in_bytes: int = 0, e: int = 2) -> tuple[float, int]:
+def gemm_ms(M: int, N: int, K: int, out_bytes: int, acc_bytes: int = 0, e: int = 2) -> tuple[float, int]:
     """Model time of ``[M, K] @ [K, N]`` and its launches: the matmul rate times the padded-tile and wave
     efficiency of 128 x 256 tiles (split K, one reduction launch, when the tiles do not fill the SMs), or the HBM
-    rate over its bytes (``in_bytes``: an accumulator read back), whichever is slower."""
+    rate over its bytes, whichever is slower; plus, when it adds to an fp32 accumulator of ``acc_bytes``, reading
+    and writing that accumulator at the HBM rate, not overlapped (what the first H100 run's times fit: see
+    results/fused_linear_profile.md)."""
     best = (0.0, 1)
     for bm, bn in ((128, 256), (256, 128)):
         tiles = math.ceil(M / bm) * math.ceil(N / bn)
@@ -327,8 +329,9 @@ def gemm_ms(M: int, N: int, K: int, out_bytes: int, in_bytes: int = 0, e: int = 
         best = max(best, (M * N / (tiles * bm * bn) * work / (math.ceil(work / SMS) * SMS), split))
     eff, split = best
     flops_ms = 2 * M * N * K / (PEAK_TFLOPS * 1e12 * eff) * 1e3
-    nbytes = e * (M * K + K * N) + out_bytes + in_bytes + (8 * M * N * split if split > 1 else 0)
-    return max(flops_ms, nbytes / (HBM_TBS * 1e12) * 1e3), 1 + (split > 1)
+    nbytes = e * (M * K + K * N) + out_bytes + (8 * M * N * split if split > 1 else 0)
+    hbm_ms = 1e3 / (HBM_TBS * 1e12)
+    return max(flops_ms, nbytes * hbm_ms) + 2 * acc_bytes * hbm_ms, 1 + (split > 1)
 
 
 def model_call(design: str, D: int, V: int, n: int, e: int = 2) -> dict:
@@ -344,19 +347,22 @@ def model_call(design: str, D: int, V: int, n: int, e: int = 2) -> dict:
     else:
         spans = chunked.chunk_spans(n, chunked.chunk_limit(n, V, D, e, e, True))
         other, syncs = 6 * n * D + (6 * V * D if len(spans) > 1 else 0), 1
-    # + a row kernel a chunk, and after, with more than one chunk, the cast of the accumulator
-    ms, launches = dict.fromkeys(MATMULS, 0.0), FIXED_LAUNCHES[design] + len(spans) + (not old and len(spans) > 1)
+    # + the row kernel(s) of a chunk and, after, with more than one chunk, the cast of the accumulator
+    passes = 3 if design == "first run" else 2  # over the logits: statistics, (then again) the gradient
+    launches = FIXED_LAUNCHES[design] + (passes - 1) * len(spans) + (not old and len(spans) > 1)
+    ms = dict.fromkeys(MATMULS, 0.0)
     for i, (c0, c1) in enumerate(spans):
         C = c1 - c0
-        if old:
-            g3 = (V, D, C, 4 * V * D, 4 * V * D)
-        else:
-            g3 = (V, D, C, e * V * D) if len(spans) == 1 else (V, D, C, 4 * V * D, 4 * V * D * (i > 0))
-        for role, shape in zip(MATMULS, ((C, V, D, C * V * e), (C, D, V, 4 * C * D, 4 * C * D * old), g3), strict=True):
+        if old:  # G2 and G3 add to zero-filled fp32 accumulators
+            g2, g3 = (C, D, V, 0, 4 * C * D), (V, D, C, 0, 4 * V * D)
+        else:  # G2 writes fp32 rows; G3 writes the accumulator, then adds to it (one chunk: grad_W in bf16)
+            g2 = (C, D, V, 4 * C * D)
+            g3 = (V, D, C, e * V * D) if len(spans) == 1 else (V, D, C, 0, 4 * V * D) if i else (V, D, C, 4 * V * D)
+        for role, shape in zip(MATMULS, ((C, V, D, C * V * e), g2, g3), strict=True):
             t, k = gemm_ms(*shape)
             ms[role] += t
             launches += k
-    row = (3 if design == "first run" else 2) * n * V * e / (HBM_TBS * 1e12) * 1e3
+    row = passes * n * V * e / (HBM_TBS * 1e12) * 1e3
     rest = other / (HBM_TBS * 1e12) * 1e3 + syncs * SYNC_MS
     total = sum(ms.values()) + row + rest
     floor = 6 * n * D * V / (PEAK_TFLOPS * 1e12) * 1e3
