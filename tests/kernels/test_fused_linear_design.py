@@ -179,3 +179,38 @@ def test_token_rows_are_the_unmasked_positions():
     mask = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]])
     assert chunked.token_rows(mask, 4).tolist() == [0, 2, 3, 6]
     assert chunked.token_rows(mask.bool(), 4).tolist() == [0, 2, 3, 6]
+
+
+@pytest.mark.cuda
+def test_one_host_sync_and_the_overlapped_streams_cuda():
+    """On a GPU: the forward syncs once (the id check and token count), the backward never; the overlapped schedule
+    (row kernel on a second stream) gives the serial schedule's loss and gradients."""
+    import warnings
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    Bq, Tq, Dq, Vq = 4, 512, 256, 32000
+    h = torch.randn(Bq, Tq, Dq, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(Vq, Dq, device="cuda", generator=g) / Dq**0.5 * 2).bfloat16().requires_grad_()
+    ids = torch.randint(0, Vq, (Bq, Tq), device="cuda", generator=g)
+    mask = (torch.arange(Tq, device="cuda") < torch.tensor([[512], [400], [300], [17]], device="cuda")).long()
+    adv = torch.randn(Bq, device="cuda", generator=g)
+    ref = -torch.rand(Bq, Tq, device="cuda", generator=g) * 5
+    for overlap in (False, True):  # first calls: compiles, cached parameter tensors, the second stream
+        with overlapped(overlap):
+            fused_linear_policy_loss(h, w, ids, mask, adv, ref_logps=ref, config=DAPO, chunk_size=384).loss.backward()
+    results = []
+    for overlap in (False, True):
+        with overlapped(overlap), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = fused_linear_policy_loss(h, w, ids, mask, adv, ref_logps=ref, config=DAPO, chunk_size=384)
+                forward_syncs = sum("synchroniz" in str(c.message) for c in caught)
+                torch.cuda.set_sync_debug_mode("error")
+                grads = torch.autograd.grad(out.loss, (h, w))
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        assert forward_syncs == 1
+        results.append((out.loss.float(), *(x.float() for x in grads)))
+    for a, b in zip(*results, strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
