@@ -276,12 +276,12 @@ def profile_calls(quick: bool) -> None:
                 row["floor_ms"] = flops_floor_ms(6 * tokens * D * V, fl)
                 row["fraction_of_floor"] = row["floor_ms"] * 1e3 / row["window_us"] if row["window_us"] else None
                 rows.append(row)
+                path = write_result("fused_linear_profile", {"floors": fl, "profiles": rows})  # after every call
+                (results_dir() / "fused_linear_profile.md").write_text(profile_markdown(rows))
                 print(f"{name} {head} {tokens}: {row['launches']} launches, window {row['window_us']:.0f} us, "
                       f"gaps {row['gap_us']:.0f} us, matmuls {row['matmul_us']:.0f} us", flush=True)  # fmt: skip
             del h, w
             free_memory()
-    path = write_result("fused_linear_profile", {"floors": fl, "profiles": rows})
-    (results_dir() / "fused_linear_profile.md").write_text(profile_markdown(rows))
     print(f"wrote {path}")
 
 
