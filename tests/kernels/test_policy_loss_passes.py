@@ -90,7 +90,8 @@ def test_padded_rows_are_never_read(device):
 
 
 def test_fused_linear_chunk_is_one_row_launch(launches, device):
-    """The linear head's single phase: one row-kernel launch per chunk computes its statistics and gradient."""
+    """The linear head's single phase: one row-kernel launch per chunk computes its statistics and gradient; the
+    backward is the scale kernel's check of the hidden-state gradient."""
     case = make_case(5, B, T, V, cfg=DAPO, device=device)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, T, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
@@ -99,7 +100,7 @@ def test_fused_linear_chunk_is_one_row_launch(launches, device):
     out = fused_linear_policy_loss(h, w, case["completion_ids"], case["completion_mask"], case["advantages"],
                                    config=DAPO, chunk_size=4, **kwargs_of(case))  # fmt: skip
     out.loss.backward()
-    assert launches == [("rows", True, True)] * (-(-n // 4))
+    assert launches == [("rows", True, True)] * (-(-n // 4)) + [("scale", None, None)]
 
 
 @pytest.mark.parametrize("bad", [0.0, float("nan"), "1", torch.ones(2)])
