@@ -291,7 +291,7 @@ class PAPOTrainer(GRPOTrainer):
         if "daro_bucket" in inputs:
             scale = self._daro.sequence_scale(inputs["daro_bucket"], inputs["daro_bucket_tokens"], factor)
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / factor
-        output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items)
+        output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items, 1.0 / accumulation)
         update_entropy_control(self, output.entropy_stats, mode)
         loss = output.loss / accumulation
         if aux_loss is not None and self.aux_loss_enabled:
@@ -305,10 +305,11 @@ class PAPOTrainer(GRPOTrainer):
                     self._metrics[mode][key].append(value)
         return loss
 
-    def _policy_loss(self, model, inputs, mask, sequence_scale, num_items_in_batch):
+    def _policy_loss(self, model, inputs, mask, sequence_scale, num_items_in_batch, grad_scale=1.0):
         """The policy loss of a micro-batch as a ``PolicyLossOutput`` (and the MoE aux loss): the fused linear-head
-        loss inside the model's forward (no logits materialised, gradients computed in the forward) when enabled,
-        else TRL's per-token log-probs (its chunked LM head) and ``papo_kernels.loss.loss_from_logps``."""
+        loss inside the model's forward (no logits materialised, gradients computed in the forward for the upstream
+        gradient ``grad_scale``) when enabled, else TRL's per-token log-probs (its chunked LM head) and
+        ``papo_kernels.loss.loss_from_logps``."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -324,7 +325,9 @@ class PAPOTrainer(GRPOTrainer):
         multimodal = {key: inputs.get(key) for key in MULTIMODAL_KEYS}
         config = loss_config_for_step(self, self._loss_config)
         if self._fused_loss and all(value is None for value in multimodal.values()):
-            loss_inputs = PolicyLossInputs(completion_ids, mask, inputs["advantages"], config, **loss_kwargs)
+            loss_inputs = PolicyLossInputs(
+                completion_ids, mask, inputs["advantages"], config, **loss_kwargs, grad_scale=grad_scale
+            )
             with self.accelerator.autocast():
                 out = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=loss_inputs)
             output = PolicyLossOutput(

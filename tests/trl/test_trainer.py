@@ -252,3 +252,27 @@ def test_bad_configuration_raises_at_construction(tmp_path, kwargs, match):
             train_dataset=_iterable() if iterable else tiny_dataset(),
             processing_class=TOKENIZER,
         )
+
+
+def test_fused_loss_announces_the_accumulation_scale(tmp_path, monkeypatch):
+    """Under gradient accumulation the fused head is told the upstream gradient (1 / steps) in advance, so the
+    backward finds it equal to the announced scale and rescales nothing."""
+    from papo_kernels.loss import fused_linear
+
+    seen = []
+    scale_rows = fused_linear.scale_rows
+
+    def spy(g, go, gs):
+        seen.append((go.item(), gs.item()))
+        scale_rows(g, go, gs)
+
+    monkeypatch.setattr(fused_linear, "scale_rows", spy)
+    trainer = make_trainer(
+        tmp_path, process=(), advantage_estimator="grpo", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+    )  # fmt: skip
+    assert trainer._fused_loss
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.accelerator.backward(trainer._compute_policy_loss(trainer.model, inputs))
+    assert seen and all(go == gs == 0.5 for go, gs in seen)
