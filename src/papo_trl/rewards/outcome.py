@@ -40,8 +40,9 @@ def _gold_column(solution: Sequence[Any] | None, answer: Sequence[Any] | None, n
     return list(gold)
 
 
-def math_accuracy_reward(completions: Sequence[Any], solution: Sequence[Any] | None = None,
-                         answer: Sequence[Any] | None = None, **kwargs) -> list[float | None]:
+def math_accuracy_reward(
+    completions: Sequence[Any], solution: Sequence[Any] | None = None, answer: Sequence[Any] | None = None, **kwargs
+) -> list[float | None]:
     r"""1.0 if the completion's ``\boxed{}`` answer is math-verify-equivalent to the gold, else 0.0.
 
     The gold comes from the ``solution`` column (TRL's name) or else ``answer``; a missing or unparseable gold
@@ -81,8 +82,9 @@ def normalize_answer(text: str) -> str:
     return t
 
 
-def exact_answer_reward(completions: Sequence[Any], answer: Sequence[Any] | None = None,
-                        solution: Sequence[Any] | None = None, **kwargs) -> list[float | None]:
+def exact_answer_reward(
+    completions: Sequence[Any], answer: Sequence[Any] | None = None, solution: Sequence[Any] | None = None, **kwargs
+) -> list[float | None]:
     r"""1.0 if the last ``\boxed{}`` after the reasoning equals the gold answer once both are normalised.
 
     The gold comes from the ``answer`` column or else ``solution`` (an int, a string, a ``\boxed{}`` solution or

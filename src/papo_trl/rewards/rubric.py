@@ -99,8 +99,9 @@ def prompt_problem(prompt: Any) -> str:
     return message_text(users[-1] if users else (prompt[-1] if prompt else None))
 
 
-def build_judge_prompt(problem: str, student_solution: str, reference_solution: str | None = None,
-                       rubric: str = RUBRIC_3_TIER) -> str:
+def build_judge_prompt(
+    problem: str, student_solution: str, reference_solution: str | None = None, rubric: str = RUBRIC_3_TIER
+) -> str:
     """Render the judge's user message; the Reference Solution section appears only when one is given.
 
     Sections are concatenated, never ``str.format``-ed, so LaTeX braces in the texts are safe.
