@@ -9,17 +9,18 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from papo_kernels.loss import LOSS_TYPES
+
 AUTO = "auto"
 ADVANTAGE_ESTIMATORS = (AUTO, "papo", "papo_fullnorm", "grpo", "dr_grpo", "gdpo", "daro")
 PROCESS_ESTIMATORS = ("papo", "papo_fullnorm")
-KERNEL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 
 def unsupported_loss_options(args) -> list[str]:
     """The options of `args` that the ``papo_kernels`` policy loss does not implement (TRL's loss does): it covers
     every option of TRL 1.16's ``_compute_loss`` (``vespo``, ``top_entropy_quantile``, ``off_policy_mask_threshold``
     and ``use_adaptive_entropy`` included), so only a loss type it does not know."""
-    return ["loss_type"] if args.loss_type not in KERNEL_LOSS_TYPES else []
+    return ["loss_type"] if args.loss_type not in LOSS_TYPES else []
 
 
 def _finite(value) -> bool:
@@ -220,7 +221,7 @@ class PAPOConfig(GRPOConfig):
             name = unsupported[0]
             raise ValueError(
                 f"`advantage_estimator='daro'` computes its loss with papo_kernels, which does not support "
-                f"`{name}={getattr(self, name)!r}` (loss types: {', '.join(KERNEL_LOSS_TYPES)})"
+                f"`{name}={getattr(self, name)!r}` (loss types: {', '.join(LOSS_TYPES)})"
             )
 
 

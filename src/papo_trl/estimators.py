@@ -13,6 +13,8 @@ import torch
 
 from papo_kernels import gdpo_advantages, grpo_advantages, papo_advantages
 
+from .config import PROCESS_ESTIMATORS
+
 PAPO_EPS = 1e-6  # the official PAPO code
 TRL_EPS = 1e-4  # TRL's GRPO / GDPO
 
@@ -53,7 +55,7 @@ def correctness(
 
 def uses_process(estimator: str, has_process: bool) -> bool:
     """Whether the process reward enters the advantage (PAPO, and Dr. GRPO's PAPO variant)."""
-    return estimator in ("papo", "papo_fullnorm") or (estimator == "dr_grpo" and has_process)
+    return estimator in PROCESS_ESTIMATORS or (estimator == "dr_grpo" and has_process)
 
 
 def compute_advantages(

@@ -27,10 +27,8 @@ import math
 import torch
 
 from .._runtime import check_tensor, compute_dtype, require
-from .config import PolicyLossConfig, PolicyLossOutput
+from .config import VESPO_IS_RATIO_MIN, VESPO_LAMBDA_MIN, VESPO_LN_W_MAX, PolicyLossConfig, PolicyLossOutput
 from .inputs import check_logits_inputs, check_loss_inputs
-
-CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 def token_logps_and_entropy(
@@ -154,7 +152,7 @@ def loss_from_logps(
     metrics = {"entropy": entropy_mean.detach()}
     if kl is not None:
         metrics["kl"] = (kl.detach() * mask).sum() / count.clamp(min=1.0)
-    if config.loss_type in CLIPPED:
+    if config.clipped:
         low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype)
         high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(dtype)
         metrics["clip_ratio/low_mean"] = masked_mean(low)
@@ -200,14 +198,14 @@ def gamma_weights(adv, log_ratio, mask, importance_sampling_ratio, cfg: PolicyLo
     """VESPO's detached gamma weight ``phi(w) = exp(lambda + k ln w - lambda w)`` of the sequence ratio ``w``
     (every IS-ratio entry counts, masked or not, as in TRL); ``k`` and ``lambda`` (fp32, ``lambda >= 1e-4``) by the
     sign of the advantage; non-finite weights are 0."""
-    low = math.log(1e-8)
-    ln_w = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+    low, high = math.log(VESPO_IS_RATIO_MIN), VESPO_LN_W_MAX
+    ln_w = (torch.clamp(log_ratio, -high, high) * mask).sum(-1, keepdim=True)
     if importance_sampling_ratio is not None:
-        ln_w = ln_w + torch.clamp(torch.log(importance_sampling_ratio), low, 20.0).sum(-1, keepdim=True)
-    ln_w = torch.clamp(ln_w, low, 20.0)
+        ln_w = ln_w + torch.clamp(torch.log(importance_sampling_ratio), low, high).sum(-1, keepdim=True)
+    ln_w = torch.clamp(ln_w, low, high)
     nonneg = adv >= 0
     k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg)
-    lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+    lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=VESPO_LAMBDA_MIN)
     return torch.exp(lam + k * ln_w - lam * torch.exp(ln_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 

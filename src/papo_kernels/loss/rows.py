@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .terms import F_BONUS, P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
+from .terms import F_BONUS, F_HIGH, F_LOW, P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
 
 LN2 = tl.constexpr(0.6931471805599453)
 NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully -inf blocks give no inf - inf
@@ -117,7 +117,7 @@ def _token_terms(
     tl.store(G + p, g)
     tl.store(PTL + p, tl.where(on, ptl, 0.0))
     tl.store(KL + p, tl.where(on, kl, 0.0))
-    tl.store(FLAGS + p, tl.where(on, low.to(tl.int32) + 2 * high.to(tl.int32), 0))
+    tl.store(FLAGS + p, tl.where(on, low.to(tl.int32) * F_LOW + high.to(tl.int32) * F_HIGH, 0))
     return g
 
 
