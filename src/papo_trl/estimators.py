@@ -12,11 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from papo_kernels import gdpo_advantages, grpo_advantages, papo_advantages
+from papo_kernels.advantages import GRPO_EPS, PAPO_EPS, weighted_nansum
 
 from .config import PROCESS_ESTIMATORS
-
-PAPO_EPS = 1e-6  # the official PAPO code
-TRL_EPS = 1e-4  # TRL's GRPO / GDPO
 
 
 @dataclass
@@ -30,12 +28,6 @@ class Advantages:
     process: torch.Tensor | None = None
     process_active: torch.Tensor | None = None
     error: torch.Tensor | None = None
-
-
-def weighted_nansum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k r_k`` over the non-NaN columns of ``rewards[N, K]``; NaN where every column is NaN."""
-    total = (rewards * weights.to(rewards)).nansum(dim=1)
-    return total.masked_fill(torch.isnan(rewards).all(dim=1), float("nan"))
 
 
 def fill_unscorable(outcome: torch.Tensor, G: int) -> torch.Tensor:
@@ -106,7 +98,7 @@ def compute_advantages(
             process_active=out.process_active,
             error=out.error,
         )
-    eps = TRL_EPS if eps is None else eps
+    eps = GRPO_EPS if eps is None else eps
     if estimator == "gdpo" or multi_objective_aggregation == "normalize_then_sum":
         out = gdpo_advantages(rewards_per_func, G, weights=weights, eps=eps, validate=False)
     else:

@@ -31,14 +31,14 @@ from trl.trainer.utils import (
 
 from papo_kernels import dynamic_sampling_mask
 from papo_kernels._runtime import use_triton
-from papo_kernels.advantages import check_error
+from papo_kernels.advantages import check_error, weighted_nansum
 from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logps
 
 from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
 from .daro import DAROController
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
 from .entropy_control import loss_config_for_step, update_entropy_control
-from .estimators import compute_advantages, correctness, fill_unscorable, weighted_nansum
+from .estimators import compute_advantages, correctness, fill_unscorable
 from .fused_head import PolicyLossInputs, add_fused_policy_loss_head
 from .process_rewards import check_process_reward_funcs, score_process_rewards
 from .sampling import PromptStream, assemble_rounds, check_row_keys

@@ -25,9 +25,13 @@ import math
 import torch
 
 from .._runtime import check_same_device, check_tensor, require, use_triton
-from . import naive
-from . import triton as fused
+from . import fused, naive
 from .types import GroupAdvantages, PAPOAdvantages, check_error
+
+GRPO_EPS = 1e-4
+"""Default ``eps`` of GRPO and GDPO, TRL's."""
+PAPO_EPS = 1e-6
+"""Default ``eps`` of PAPO, the official PAPO code's."""
 
 
 def _check_G(G, N: int, name: str) -> None:
@@ -80,7 +84,7 @@ def grpo_advantages(
     *,
     weights: torch.Tensor | None = None,
     scale: str = "group",
-    eps: float = 1e-4,
+    eps: float = GRPO_EPS,
     validate: bool = False,
 ) -> GroupAdvantages:
     """GRPO advantages, TRL's ``sum_then_normalize``.
@@ -95,8 +99,8 @@ def grpo_advantages(
     require(scale in ("group", "batch", "none"), "`scale` must be 'group', 'batch' or 'none', got {!r}", scale)
     _check_eps(eps)
     if _route(rewards):
-        return _finish(fused.grpo_advantages(rewards, G, weights, scale, eps), validate)
-    return _finish(naive.grpo_advantages(rewards, G, weights=weights, scale=scale, eps=eps), validate)
+        return _finish(fused.fused_grpo_advantages(rewards, G, weights, scale, eps), validate)
+    return _finish(naive.naive_grpo_advantages(rewards, G, weights=weights, scale=scale, eps=eps), validate)
 
 
 def gdpo_advantages(
@@ -104,7 +108,7 @@ def gdpo_advantages(
     G: int,
     *,
     weights: torch.Tensor | None = None,
-    eps: float = 1e-4,
+    eps: float = GRPO_EPS,
     validate: bool = False,
 ) -> GroupAdvantages:
     """GDPO advantages, TRL's ``normalize_then_sum``.
@@ -116,8 +120,8 @@ def gdpo_advantages(
     _check_rewards(rewards, G, weights)
     _check_eps(eps)
     if _route(rewards):
-        return _finish(fused.gdpo_advantages(rewards, G, weights, eps), validate)
-    return _finish(naive.gdpo_advantages(rewards, G, weights=weights, eps=eps), validate)
+        return _finish(fused.fused_gdpo_advantages(rewards, G, weights, eps), validate)
+    return _finish(naive.naive_gdpo_advantages(rewards, G, weights=weights, eps=eps), validate)
 
 
 def papo_advantages(
@@ -127,7 +131,7 @@ def papo_advantages(
     G: int,
     *,
     lambda_process: float = 1.0,
-    eps: float = 1e-6,
+    eps: float = PAPO_EPS,
     scale_by_std: bool = True,
     process_norm: str = "correct",
     validate: bool = False,
@@ -158,9 +162,11 @@ def papo_advantages(
     )  # fmt: skip
     _check_eps(eps)
     if _route(outcome):
-        out = fused.papo_advantages(outcome, process, correct, G, lambda_process, eps, bool(scale_by_std), process_norm)
+        out = fused.fused_papo_advantages(
+            outcome, process, correct, G, lambda_process, eps, bool(scale_by_std), process_norm
+        )
     else:
-        out = naive.papo_advantages(
+        out = naive.naive_papo_advantages(
             outcome, process, correct, G,
             lambda_process=lambda_process, eps=eps, scale_by_std=scale_by_std, process_norm=process_norm,
         )  # fmt: skip
@@ -169,23 +175,24 @@ def papo_advantages(
 
 def dynamic_sampling_mask(outcome: torch.Tensor, G: int, *, validate: bool = False) -> torch.Tensor:
     """DAPO dynamic sampling: ``keep[num_groups]``, True iff the group's outcome rewards are not all equal."""
-    check_tensor("outcome", outcome, ndim=1)
-    _check_G(G, outcome.shape[0], "outcome")
-    if _route(outcome):
-        keep, _, error = fused.group_counts(outcome, G, "finite" if outcome.is_floating_point() else None)
-    else:
-        keep, error = naive.dynamic_sampling_mask(outcome, G), naive.value_errors(outcome=outcome)
-    _check_values(error, validate and outcome.is_floating_point())  # nothing to read for bool or integer values
-    return keep
+    return _group_counts("outcome", outcome, G, validate)[0]
 
 
 def pass_rate_buckets(correct: torch.Tensor, G: int, *, validate: bool = False) -> torch.Tensor:
     """DARO pass-rate buckets: ``k[num_groups]`` = number of correct responses per group (pass rate ``k / G``)."""
-    check_tensor("correct", correct, ndim=1)
-    _check_G(G, correct.shape[0], "correct")
-    if _route(correct):
-        _, buckets, error = fused.group_counts(correct, G, "nan" if correct.is_floating_point() else None)
+    return _group_counts("correct", correct, G, validate)[1]
+
+
+def _group_counts(name: str, x: torch.Tensor, G: int, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of ``x`` (the argument ``name``): whether its values vary, and how many are non-zero; a floating
+    ``x`` is value-checked as ``name`` (``outcome``: finite, ``correct``: no NaN)."""
+    check_tensor(name, x, ndim=1)
+    _check_G(G, x.shape[0], name)
+    floating = x.is_floating_point()
+    if _route(x):
+        varies, count, error = fused.group_counts(x, G, name if floating else None)
     else:
-        buckets, error = naive.pass_rate_buckets(correct, G), naive.value_errors(correct=correct)
-    _check_values(error, validate and correct.is_floating_point())
-    return buckets
+        varies, count = naive.naive_dynamic_sampling_mask(x, G), naive.naive_pass_rate_buckets(x, G)
+        error = naive.value_errors(**{name: x})
+    _check_values(error, validate and floating)  # nothing to read for bool or integer values
+    return varies, count

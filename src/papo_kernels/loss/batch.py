@@ -5,7 +5,8 @@ entropy, KL, clip flags, VESPO weight, entropy over the bonus tokens). Single ph
 evaluated every token's terms and this sums them. Two phases, it first gathers the sequence's statistics of the
 current log-probs (GSPO's mean log-ratio; VESPO's ``ln w``: the masked sum of the log-ratios clamped to [-20, 20]
 plus the IS-ratio log sum; the off-policy mask's mean of ``sampling_logps - logp``), then evaluates each token's
-terms under the off-policy and high-entropy masks and writes the coefficients ``G`` (and the bonus flags).
+terms under the off-policy and high-entropy masks and writes each token's ``DLOGP`` (``dL/dlogp``, before the
+aggregation weight) and bonus flag.
 
 ``_count_kernel`` (one program per sequence) is the single-phase path's pre-pass: the mask sums the aggregation
 weights need. ``_quantile_kernel`` (one program) reads the batch's fp32 entropies, sorted with the masked ones at
@@ -123,7 +124,7 @@ def _sequence_stats(
 
 @triton.jit(do_not_specialize=["T", "sab", "sat", "sib", "sit", "T_isr", "per_seq_flags", "phi_per_seq"])
 def _sequence_kernel(
-    LOGP, ENT, G, PTL, KL, FLAGS, MASK, ADV, sab, sat, OLD, REF, ISR, sib, sit, T_isr, SAMP, PART, OUT, P, T,
+    LOGP, ENT, DLOGP, PTL, KL, FLAGS, MASK, ADV, sab, sat, OLD, REF, ISR, sib, sit, T_isr, SAMP, PART, OUT, P, T,
     per_seq_flags, phi_per_seq,
     TWO_PHASE: tl.constexpr, SEQ_LEVEL: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr,
     HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr,
@@ -181,7 +182,7 @@ def _sequence_kernel(
                 g = d_lp
             else:
                 g = d_lp + d_r * r
-            tl.store(G + p, tl.where(on, m * g, 0.0), mask=inb)
+            tl.store(DLOGP + p, tl.where(on, m * g, 0.0), mask=inb)
         if SEQ_LEVEL:  # every token's share of the sequence ratio's gradient
             coef = tl.sum(s_r, axis=0) * R / tl.maximum(tl.sum(cnt, axis=0), 1.0)
             for t0 in range(0, T, BLOCK_T):
@@ -189,7 +190,7 @@ def _sequence_kernel(
                 inb = t < T
                 p = b * T + t
                 m = tl.load(MASK + p, mask=inb, other=0).to(vz.dtype)
-                tl.store(G + p, tl.load(G + p, mask=inb, other=0.0) + m * coef, mask=inb)
+                tl.store(DLOGP + p, tl.load(DLOGP + p, mask=inb, other=0.0) + m * coef, mask=inb)
         adv0 = tl.load(ADV + b * sab).to(vz.dtype)
         if per_seq_flags != 0:  # one flag per sequence (TRL's [B, 1] ratio with [B] advantages): not token-weighted
             one = vz + 1.0

@@ -83,14 +83,14 @@ class PolicyLossConfig:
     temperature: float = 1.0
     max_completion_length: int | None = None
     entropy_coef: float = 0.0
-    # SAPO's gates
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    # VESPO's gamma weight
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
+    # SAPO's gate -4 sigmoid(tau (r - 1)) / tau
+    sapo_temperature_pos: float = 1.0  # tau for A > 0
+    sapo_temperature_neg: float = 1.05  # tau for A <= 0
+    # VESPO's gamma weight phi(w) = exp(lambda (1 - w)) w^k
+    vespo_k_pos: float = 2.0  # k for A >= 0
+    vespo_lambda_pos: float = 3.0  # lambda for A >= 0
+    vespo_k_neg: float = 3.0  # k for A < 0
+    vespo_lambda_neg: float = 2.0  # lambda for A < 0
     # token and sequence masks
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: float | None = None

@@ -30,12 +30,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from .._runtime import require, use_triton
 from .config import PolicyLossConfig, PolicyLossOutput
 from .inputs import check_logits_inputs, check_loss_inputs
 from .launch import fused_rows, grad_rows, prepare_weights, scale_rows, sequence_and_finalize, stats_rows
-from .naive import policy_loss_reference
+from .naive import naive_policy_loss
 from .plan import Plan, make_plan, output_from, scalar_tensor
 
 
@@ -91,21 +92,12 @@ class PolicyLossFunction(torch.autograd.Function):
 
 
 def policy_loss(
-    logits: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    old_logps: torch.Tensor | None = None,
-    ref_logps: torch.Tensor | None = None,
-    importance_sampling_ratio: torch.Tensor | None = None,
-    sampling_logps: torch.Tensor | None = None,
-    num_items_in_batch: torch.Tensor | float | None = None,
-    sequence_scale: torch.Tensor | None = None,
-    inplace_grad: bool = False,
-    grad_scale: float | torch.Tensor = 1.0,
+    logits: Tensor, completion_ids: Tensor, completion_mask: Tensor, advantages: Tensor, *,
+    old_logps: Tensor | None = None, ref_logps: Tensor | None = None, importance_sampling_ratio: Tensor | None = None,
+    sampling_logps: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
+    sequence_scale: Tensor | None = None, inplace_grad: bool = False, grad_scale: float | Tensor = 1.0,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
-) -> PolicyLossOutput:
+) -> PolicyLossOutput:  # fmt: skip
     """TRL 1.16's GRPO-family loss of one micro-batch from ``logits[B, T, V]`` (``logits[b, t]`` predicts
     ``completion_ids[b, t]``; the caller shifts). ``old_logps=None`` is on-policy; ``sampling_logps`` (the
     sampler's log-probs, default ``old_logps``) feed the off-policy mask. See ``PolicyLossConfig`` for the semantics.
@@ -126,7 +118,7 @@ def policy_loss(
         sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
     )  # fmt: skip
     if not use_triton(logits):
-        return policy_loss_reference(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
+        return naive_policy_loss(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     loss, logps, entropy, seq, out = PolicyLossFunction.apply(

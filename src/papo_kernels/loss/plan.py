@@ -96,7 +96,7 @@ class Plan:
     ent: torch.Tensor
     rmax: torch.Tensor
     log2s: torch.Tensor
-    g: torch.Tensor
+    dlogp: torch.Tensor  # per token dL/dlogp, before the aggregation weight
     ptl: torch.Tensor
     kl: torch.Tensor
     flags: torch.Tensor
@@ -185,7 +185,7 @@ def make_plan(
         samp=None if sampling_logps is None else sampling_logps.to(device).contiguous(),
         seq_scale=None if sequence_scale is None else sequence_scale.to(device).contiguous(),
         num_items=num_items_in_batch, params=params_tensor(cfg, acc, device, logit_scale, softcap),
-        softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], g=views[4],
+        softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], dlogp=views[4],
         ptl=views[5], kl=views[6], flags=alloc(N, dtype=torch.int32, device=device),
         part=views[7].view(B, N_PART.value), w=views[8], out=views[9],
         loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
