@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from papo_kernels.daro import check_weight_bounds
 from papo_kernels.loss import LOSS_TYPES
 
 AUTO = "auto"
@@ -191,15 +192,9 @@ class PAPOConfig(GRPOConfig):
         mgb = self.max_generation_batches
         if not isinstance(mgb, int) or isinstance(mgb, bool) or mgb < 1:
             raise ValueError(f"`max_generation_batches` must be an integer >= 1, got {mgb!r}")
-        for name in ("daro_learning_rate", "daro_init_weight"):
-            if not (_finite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"`{name}` must be a finite float > 0, got {getattr(self, name)!r}")
-        if not (_finite(self.daro_max_weight) and self.daro_max_weight >= 1):
-            raise ValueError(f"`daro_max_weight` must be a finite float >= 1, got {self.daro_max_weight!r}")
-        if not 1 / self.daro_max_weight <= self.daro_init_weight <= self.daro_max_weight:
-            raise ValueError(
-                f"`daro_init_weight` ({self.daro_init_weight}) must lie in [1 / daro_max_weight, daro_max_weight]"
-            )
+        if not (_finite(self.daro_learning_rate) and self.daro_learning_rate > 0):
+            raise ValueError(f"`daro_learning_rate` must be a finite float > 0, got {self.daro_learning_rate!r}")
+        check_weight_bounds(self.daro_init_weight, self.daro_max_weight, prefix="daro_")
         self._check_estimator_options()
 
     def _check_estimator_options(self) -> None:

@@ -29,13 +29,12 @@ from trl.trainer.utils import (
     start_event_loop_in_daemon,
 )
 
-from papo_kernels import dynamic_sampling_mask
-from papo_kernels._runtime import use_triton
+from papo_kernels import dynamic_sampling_mask, kernels_available
 from papo_kernels.advantages import check_error, weighted_nansum
 from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logps
 
 from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
-from .daro import DAROController
+from .daro_state import DAROState
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
 from .entropy_control import loss_config_for_step, update_entropy_control
 from .estimators import compute_advantages, correctness, fill_unscorable
@@ -107,7 +106,7 @@ class PAPOTrainer(GRPOTrainer):
             atexit.register(shutdown_event_loop_in_daemon, self.async_loop_thread, self.async_loop)
         self._daro = None
         if args.advantage_estimator == "daro":
-            self._daro = DAROController(
+            self._daro = DAROState(
                 self.num_generations,
                 learning_rate=args.daro_learning_rate,
                 init_weight=args.daro_init_weight,
@@ -127,8 +126,8 @@ class PAPOTrainer(GRPOTrainer):
             )
         self._loss_config = None if unsupported_loss_options(args) else PolicyLossConfig.from_trainer_args(args)
         # the fused linear-head loss where its kernels run (CUDA, or CPU under TRITON_INTERPRET) and the options allow
-        probe = torch.empty(0, device=self.accelerator.device)
-        self._fused_loss = bool(args.use_fused_loss and self._loss_config is not None and use_triton(probe))
+        kernels = kernels_available(self.accelerator.device)
+        self._fused_loss = bool(args.use_fused_loss and self._loss_config is not None and kernels)
         check_sharding(args, self.model, self.accelerator, fused_loss=self._fused_loss)
         if self._fused_loss:
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .._runtime import check_same_device, check_tensor, require, use_triton
+from .._runtime import check_same_device, check_tensor, kernels_available, require
 from . import fused, naive
 from .types import GroupAdvantages, PAPOAdvantages, check_error
 
@@ -59,7 +59,7 @@ def _check_rewards(rewards, G, weights) -> None:
 
 
 def _route(t: torch.Tensor) -> bool:
-    return t.numel() > 0 and use_triton(t)
+    return t.numel() > 0 and kernels_available(t)
 
 
 def _raise_now(error: torch.Tensor, validate: bool) -> bool:

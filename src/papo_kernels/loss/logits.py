@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._runtime import require, use_triton
+from .._runtime import kernels_available, require
 from .config import PolicyLossConfig, PolicyLossOutput
 from .inputs import check_logits_inputs, check_loss_inputs
 from .launch import fused_rows, grad_rows, prepare_weights, scale_rows, sequence_and_finalize, stats_rows
@@ -117,7 +117,7 @@ def policy_loss(
         old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
         sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
     )  # fmt: skip
-    if not use_triton(logits):
+    if not kernels_available(logits):
         return naive_policy_loss(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
