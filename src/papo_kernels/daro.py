@@ -79,7 +79,31 @@ class DAROWeights(nn.Module):
     ``forward(bucket_loss, bucket_tokens)`` is the weights' objective ``sum_k (w_k |L_k| - ln w_k)`` over the
     buckets present (``bucket_tokens[k] > 0``), with ``L_k = bucket_loss[k] / bucket_tokens[k]`` (detached);
     minimise it with any optimiser, then call :meth:`clamp_`. :meth:`bucket_weights` gives the detached weights
-    indexed by ``k = 0..G`` (zero at ``k = 0`` and ``k = G``) for the policy loss.
+    indexed by ``k = 0..G`` (zero at ``k = 0`` and ``k = G``) for the policy loss, :meth:`sequence_scale` the
+    per-sequence loss weights ``w_k / T_k``.
+
+    Args:
+        num_generations: the group size ``G`` (at least 2).
+        init_weight: the initial value of every ``w_k``, in ``[1 / max_weight, max_weight]``.
+        max_weight: the weights stay in ``[1 / max_weight, max_weight]`` (finite, at least 1).
+
+    Returns:
+        An ``nn.Module`` whose parameter is ``log_weights[G - 1]``; calling it returns the objective (a scalar).
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import DAROWeights
+        >>> daro = DAROWeights(num_generations=4)
+        >>> loss = torch.tensor([0.0, 2.0, 0.0, 0.5, 0.0])  # per-bucket loss sums, k = 0..4 (bucket 2 absent)
+        >>> tokens = torch.tensor([0.0, 4.0, 0.0, 2.0, 0.0])  # and token counts
+        >>> objective = daro(loss, tokens)
+        >>> objective
+        tensor(0.7500, grad_fn=<SumBackward0>)
+        >>> objective.backward()
+        >>> torch.optim.SGD(daro.parameters(), lr=0.1).step()
+        >>> daro.clamp_()
+        >>> daro.bucket_weights()  # |L_1| = 0.5 < 1 raises w_1, |L_3| = 0.25 raises w_3 more
+        tensor([0.0000, 1.0513, 1.0000, 1.0779, 0.0000])
     """
 
     def __init__(self, num_generations: int, init_weight: float = 1.0, max_weight: float = 100.0):

@@ -40,10 +40,11 @@ def _check_ranges(args) -> None:
 @dataclass
 class PAPOConfig(GRPOConfig):
     r"""
-    Configuration class for [`PAPOTrainer`]: every [`~trl.GRPOConfig`] parameter keeps its meaning and default,
-    and the parameters below are added.
+    Configuration class for [`PAPOTrainer`]: every [`~trl.GRPOConfig`] parameter keeps its meaning and default
+    (TRL's class is where they are defined, the loss options `epsilon`, `epsilon_high`, `beta`, `loss_type`, ...
+    included), and the parameters below are added.
 
-    Parameters:
+    Args:
         > Parameters that control the advantages
 
         advantage_estimator (`str`, *optional*, defaults to `"auto"`):
@@ -119,6 +120,20 @@ class PAPOConfig(GRPOConfig):
             Initial value of every DARO weight `w_mu`.
         daro_max_weight (`float`, *optional*, defaults to `100.0`):
             DARO weights are kept in `[1 / daro_max_weight, daro_max_weight]`.
+
+    Returns:
+        A checked configuration; out-of-range values raise `ValueError` naming the parameter, and an estimator's
+        TRL options are set (`"dr_grpo"`: `scale_rewards="none"`; `"gdpo"`: `normalize_then_sum`).
+
+    Examples:
+        >>> from papo_trl import PAPOConfig
+        >>> args = PAPOConfig(output_dir="out", advantage_estimator="dr_grpo", bf16=False)
+        >>> args.scale_rewards, args.epsilon, args.lambda_process
+        ('none', 0.2, 1.0)
+        >>> PAPOConfig(output_dir="out", lambda_process=float("nan"), bf16=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: `lambda_process` must be a finite number >= 0, got nan
     """
 
     advantage_estimator: str = field(

@@ -56,16 +56,47 @@ class PAPOTrainer(GRPOTrainer):
     """[`~trl.GRPOTrainer`] with decoupled process-aware advantages (PAPO), GDPO, Dr. GRPO, DARO and DAPO dynamic
     sampling; see [`PAPOConfig`].
 
-    Accepts every argument of [`~trl.GRPOTrainer`], plus:
+    Without process functions (and with the default `advantage_estimator="auto"`, or `"grpo"`) and without dynamic
+    sampling it trains exactly as [`~trl.GRPOTrainer`]: TRL's advantages, the same metric names and values (PAPO's
+    `papo/*` diagnostics are logged only when a PAPO option is used), the same loss (fused or TRL's own). The time
+    of the advantages (`_set_advantages`) and of DARO's weight update is profiled as TRL profiles its own steps.
 
+    Args:
+        model (`str | PreTrainedModel | PeftModel`):
+            The policy, as for [`~trl.GRPOTrainer`].
+        reward_funcs (`Callable | list[Callable]`):
+            The outcome reward functions, as for [`~trl.GRPOTrainer`]; `args.correctness_reward_index` picks the one
+            that decides correctness.
+        args ([`PAPOConfig`] or [`~trl.GRPOConfig`], *optional*):
+            The configuration (a `GRPOConfig` is taken as the same settings in a `PAPOConfig`).
         process_reward_funcs (`Callable | list[Callable]`, *optional*):
             Process reward functions (e.g. a rubric judge), with TRL's reward signature, sync or async. They are
             called after the outcome `reward_funcs`, only for the correct responses when
             `args.process_reward_on_correct_only`; a `None` score leaves the response out of the process statistics.
+        *trl_args, **trl_kwargs:
+            Every other argument of [`~trl.GRPOTrainer`] (`train_dataset`, `processing_class`, `peft_config`, ...).
 
-    Without process functions (and with the default `advantage_estimator="auto"`, or `"grpo"`) and without dynamic
-    sampling it trains exactly as [`~trl.GRPOTrainer`]: TRL's advantages, the same metric names and values (PAPO's
-    `papo/*` diagnostics are logged only when a PAPO option is used), the same loss (fused or TRL's own).
+    Returns:
+        A trainer: `train()` trains, `args.advantage_estimator` holds the resolved estimator.
+
+    Examples:
+        >>> import tempfile
+        >>> from datasets import Dataset
+        >>> from papo_trl import PAPOConfig, PAPOTrainer
+        >>> from papo_trl.demo.model import build_model, build_tokenizer  # a tiny model, built without downloads
+        >>> from papo_trl.rewards import exact_answer_reward, step_checker_reward
+        >>> tokenizer = build_tokenizer()
+        >>> args = PAPOConfig(tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4, use_cpu=True)
+        >>> trainer = PAPOTrainer(
+        ...     model=build_model(tokenizer),
+        ...     reward_funcs=exact_answer_reward,
+        ...     process_reward_funcs=step_checker_reward,
+        ...     args=args,
+        ...     train_dataset=Dataset.from_list([{"prompt": "2+3=", "answer": "5"}] * 4),
+        ...     processing_class=tokenizer,
+        ... )
+        >>> trainer.args.advantage_estimator  # "auto" with process reward functions
+        'papo'
     """
 
     _tag_names = ["trl", "grpo", "papo"]

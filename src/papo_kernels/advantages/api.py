@@ -89,11 +89,31 @@ def grpo_advantages(
 ) -> GroupAdvantages:
     """GRPO advantages, TRL's ``sum_then_normalize``.
 
-    ``r = nansum_k w_k r_k`` over the reward columns of ``rewards[N]`` or ``rewards[N, K]`` (a row whose columns
-    are all NaN is unscorable), then per group ``A = (r - mean_g) / (std + eps)`` with ``std`` the group std
-    (``scale="group"``), the batch std (``"batch"``) or no scaling (``"none"``). NaN rows get ``A = 0``.
-    Returns ``GroupAdvantages(advantages[N], mean[num_groups], std[num_groups], error)``; ``validate``: see the
-    module docstring.
+    ``r = nansum_k w_k r_k`` over the reward columns (a row whose columns are all NaN is unscorable), then per group
+    ``A = (r - mean_g) / (std + eps)``. NaN rows are left out of the statistics and get ``A = 0``.
+
+    Args:
+        rewards: ``[N]`` or ``[N, K]`` floating rewards, one column per reward function, group-contiguous (rows
+            ``g*G .. g*G+G-1`` answer prompt ``g``); NaN: the reward does not apply.
+        G: responses per prompt; must divide ``N``.
+        weights: ``[K]`` reward weights ``w_k``; ``None``: all 1.
+        scale: ``std`` is the group's (``"group"``), the batch's (``"batch"``), or none: centring only
+            (``"none"``, Dr. GRPO).
+        eps: added to ``std``.
+        validate: on CUDA, read the value-error flag now (one synchronisation); see the module docstring.
+
+    Returns:
+        ``GroupAdvantages(advantages[N], mean[N // G], std[N // G], error)``, fp64 for fp64 rewards, else fp32.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import grpo_advantages
+        >>> rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, float("nan"), 0.0, 1.0])  # two prompts, G = 4
+        >>> out = grpo_advantages(rewards, G=4)
+        >>> out.advantages
+        tensor([ 1.2244, -1.2244,  0.0000,  0.0000,  0.9999,  0.0000, -0.9999,  0.0000])
+        >>> out.mean, out.std
+        (tensor([0.5000, 1.0000]), tensor([0.4082, 1.0000]))
     """
     _check_rewards(rewards, G, weights)
     require(scale in ("group", "batch", "none"), "`scale` must be 'group', 'batch' or 'none', got {!r}", scale)
@@ -115,7 +135,24 @@ def gdpo_advantages(
 
     Per reward column ``a_k = (r_k - mean_gk) / (std_gk + eps)`` within each group, ``a = nansum_k w_k a_k``, then
     over the whole batch ``A = (a - mean(a)) / (std(a) + eps)``. Unscorable rows (all NaN) get ``A = 0``.
-    Returns ``GroupAdvantages(advantages[N], mean[num_groups, K], std[num_groups, K], error)``.
+
+    Args:
+        rewards: ``[N, K]`` (or ``[N]``) floating rewards, group-contiguous, one column per reward function; NaN:
+            not applicable.
+        G: group size, a divisor of ``N``.
+        weights: ``[K]`` weights of the normalised columns; ``None``: all 1.
+        eps: added to every std, per column and over the batch.
+        validate: on CUDA, check the inputs' values at once (a synchronisation) instead of carrying the flag.
+
+    Returns:
+        ``GroupAdvantages(advantages[N], mean[N // G, K], std[N // G, K], error)``: the per-column group statistics.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import gdpo_advantages
+        >>> rewards = torch.tensor([[1.0, 0.2], [0.0, 0.4], [1.0, 0.6], [0.0, 0.8]])  # accuracy, format; G = 2
+        >>> gdpo_advantages(rewards, G=2, weights=torch.tensor([1.0, 0.5])).advantages
+        tensor([ 0.8658, -0.8658,  0.8658, -0.8658])
     """
     _check_rewards(rewards, G, weights)
     _check_eps(eps)
@@ -142,9 +179,33 @@ def papo_advantages(
     ``A_proc = (p - mean_c p) / (std_c p + eps)`` over the *correct* responses that have a process score
     (NaN = not scored) if at least two exist and ``std_c > eps``, else 0; incorrect responses get 0, so a wrong
     answer cannot earn credit from the judge, and an all-correct group (``A_out = 0``) still has a signal.
-    ``scale_by_std=False`` centres without scaling (Dr.GRPO). ``process_norm="all"`` normalises ``p`` over all
-    ``G`` responses (the full-normalisation ablation). ``outcome`` must be finite; ``correct`` is non-zero for a
-    correct response. ``validate``: see the module docstring.
+
+    Args:
+        outcome: ``[N]`` finite outcome rewards ``o`` (ORM), group-contiguous.
+        process: ``[N]`` process scores ``p`` (PRM, e.g. a rubric judge), same dtype; NaN: not scored.
+        correct: ``[N]`` correctness, non-zero (or ``True``) for a correct response; no NaN.
+        G: responses per prompt, dividing ``N``.
+        lambda_process: weight of ``A_proc``.
+        eps: added to both stds, and the threshold of the ``std > eps`` gates.
+        scale_by_std: ``False`` centres without scaling (the Dr. GRPO variant, same gates).
+        process_norm: ``"correct"``, or ``"all"``: ``p`` normalised over all ``G`` responses (the
+            full-normalisation ablation).
+        validate: on CUDA, raise on bad values now, at the cost of a synchronisation (module docstring).
+
+    Returns:
+        ``PAPOAdvantages``: ``total``, ``outcome`` (``A_out``), ``process`` (``A_proc``), ``[N]`` each, and the
+        per-group statistics and gates.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import papo_advantages
+        >>> outcome = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0.0])  # one prompt, G = 8
+        >>> process = torch.tensor([1, 1, 0.5, 0, 0, 0, 0, 0.0])
+        >>> adv = papo_advantages(outcome, process, correct=outcome > 0, G=8)
+        >>> adv.total
+        tensor([ 1.7850,  1.7850,  0.0529, -0.7246, -0.7246, -0.7246, -0.7246, -0.7246])
+        >>> adv.process  # normalised over the three correct responses only
+        tensor([ 0.5773,  0.5773, -1.1547,  0.0000,  0.0000,  0.0000,  0.0000,  0.0000])
     """
     check_tensor("outcome", outcome, ndim=1, floating=True)
     check_tensor("process", process, ndim=1, floating=True)
@@ -174,12 +235,43 @@ def papo_advantages(
 
 
 def dynamic_sampling_mask(outcome: torch.Tensor, G: int, *, validate: bool = False) -> torch.Tensor:
-    """DAPO dynamic sampling: ``keep[num_groups]``, True iff the group's outcome rewards are not all equal."""
+    """DAPO dynamic sampling: keep a group iff its outcome rewards are not all equal (an all-equal group has no
+    GRPO signal).
+
+    Args:
+        outcome: ``[N]`` outcome rewards (floating: finite; or bool / integer), group-contiguous.
+        G: responses per prompt; divides ``N``.
+        validate: on CUDA, check that a floating ``outcome`` is finite (one synchronisation); CPU always checks.
+
+    Returns:
+        ``keep[N // G]``, bool.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import dynamic_sampling_mask
+        >>> dynamic_sampling_mask(torch.tensor([1.0, 1.0, 0.0, 1.0]), G=2)
+        tensor([False,  True])
+    """
     return _group_counts("outcome", outcome, G, validate)[0]
 
 
 def pass_rate_buckets(correct: torch.Tensor, G: int, *, validate: bool = False) -> torch.Tensor:
-    """DARO pass-rate buckets: ``k[num_groups]`` = number of correct responses per group (pass rate ``k / G``)."""
+    """DARO pass-rate buckets: the number ``k`` of correct responses in each group (pass rate ``k / G``).
+
+    Args:
+        correct: ``[N]`` correctness (bool, integer, or floating without NaN; non-zero is correct), group-contiguous.
+        G: the group size (a divisor of ``N``).
+        validate: on CUDA, check a floating ``correct`` for NaN now (one synchronisation); CPU always checks.
+
+    Returns:
+        ``k[N // G]``, int64 in ``0..G``.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import pass_rate_buckets
+        >>> pass_rate_buckets(torch.tensor([True, True, False, True, False, False]), G=3)
+        tensor([2, 1])
+    """
     return _group_counts("correct", correct, G, validate)[1]
 
 

@@ -168,9 +168,10 @@ def _finite(name: str, value) -> None:
 
 
 class PolicyLossOutput(NamedTuple):
-    """What the policy loss returns.
+    """What the policy loss returns (:func:`~papo_kernels.policy_loss`, :func:`~papo_kernels.fused_linear_policy_loss`,
+    :func:`~papo_kernels.loss.loss_from_logps`).
 
-    Attributes:
+    Args:
         loss: scalar, differentiable (``policy_loss - entropy_coef * entropy`` bonus).
         per_token_logps: ``[B, T]`` fp32, detached, 0 where masked.
         entropy: ``[B, T]`` fp32, detached, 0 where masked.
@@ -183,6 +184,18 @@ class PolicyLossOutput(NamedTuple):
         entropy_stats: ``[2]`` fp32, detached: the sum of the entropies over the tokens the entropy bonus acts on
             (the mask, times the high-entropy mask when ``top_entropy_quantile < 1``) and their count, the window
             statistics of TRL's adaptive entropy control.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import policy_loss
+        >>> logits = torch.zeros(1, 3, 4)
+        >>> out = policy_loss(logits, torch.tensor([[0, 1, 2]]), torch.tensor([[1, 1, 0]]), torch.tensor([1.0]))
+        >>> out.loss, out.sequence_loss  # dapo, on-policy: -sum A / 2 tokens
+        (tensor(-1.), tensor([-2.]))
+        >>> out.per_token_logps  # 0 where masked
+        tensor([[-1.3863, -1.3863,  0.0000]])
+        >>> sorted(out.metrics)
+        ['clip_ratio/high_mean', 'clip_ratio/low_mean', 'clip_ratio/region_mean', 'entropy', 'policy_loss']
     """
 
     loss: torch.Tensor

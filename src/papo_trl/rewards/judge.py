@@ -101,6 +101,21 @@ class RubricJudge:
             (for a plain ``GRPOTrainer``; ``PAPOTrainer`` logs :meth:`stats` itself).
         name: the reward's ``__name__`` (TRL's logging key).
         seed: seeds the backoff jitter.
+
+    Returns:
+        An async callable with TRL's reward signature: ``await judge(prompts=..., completions=..., **columns)``
+        gives one score in ``valid_scores`` or ``None`` per completion; :meth:`stats` gives its counters.
+
+    Examples:
+        >>> import asyncio
+        >>> from papo_trl.rewards import RubricJudge
+        >>> from papo_trl.rewards.judge_server import LocalJudgeServer
+        >>> with LocalJudgeServer(default_score=0.5) as server:  # a local stand-in for `vllm serve`
+        ...     judge = RubricJudge(server.base_url, model="openai/gpt-oss-20b")
+        ...     asyncio.run(judge(prompts=["What is 17 * 3?"], completions=["17 * 3 = 51, so 51."]))
+        [0.5]
+        >>> judge.stats()["judge/requests"], judge.stats()["judge/failures"]
+        (1.0, 0.0)
     """
 
     def __init__(
