@@ -19,7 +19,7 @@ from accelerate.utils import gather, is_peft_model
 from datasets import IterableDataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
-from trl.extras.profiling import profiling_context
+from trl.extras.profiling import profiling_context, profiling_decorator
 from trl.trainer.utils import (
     get_callable_name,
     is_async_callable,
@@ -58,8 +58,12 @@ class PAPOTrainer(GRPOTrainer):
 
     Without process functions (and with the default `advantage_estimator="auto"`, or `"grpo"`) and without dynamic
     sampling it trains exactly as [`~trl.GRPOTrainer`]: TRL's advantages, the same metric names and values (PAPO's
-    `papo/*` diagnostics are logged only when a PAPO option is used), the same loss (fused or TRL's own). The time
-    of the advantages (`_set_advantages`) and of DARO's weight update is profiled as TRL profiles its own steps.
+    `papo/*` diagnostics are logged only when a PAPO option is used), the same loss (fused or TRL's own).
+
+    Its steps are timed with TRL's profiling contexts, reported as `profiling/Time taken: PAPOTrainer.<step>` where
+    `report_to` names W&B, MLflow or Trackio: `compute_loss` (the loss, fused or not) and the reward functions as in
+    [`~trl.GRPOTrainer`], plus `_set_advantages`, `dynamic_sampling`, `process_rewards` and `daro_step` when those
+    PAPO options are on (a drop-in run times only what [`~trl.GRPOTrainer`] times).
 
     Args:
         model (`str | PreTrainedModel | PeftModel`):
@@ -242,9 +246,10 @@ class PAPOTrainer(GRPOTrainer):
                 break
             batch = self._prompt_stream.next_batch()
         if dynamic:
-            output, rewards_per_func, process, valid, origin = assemble_rounds(
-                self.accelerator, rounds, target, G, self._tokenizer.pad_token_id
-            )
+            with profiling_context(self, "dynamic_sampling"):
+                output, rewards_per_func, process, valid, origin = assemble_rounds(
+                    self.accelerator, rounds, target, G, self._tokenizer.pad_token_id
+                )
             self._log_dynamic_sampling(mode, len(rounds), kept, target)
             generated = sum(r[1].shape[0] for r in rounds)
             return self._set_advantages(output, rewards_per_func, process, G, mode, valid, origin, generated)
@@ -263,6 +268,7 @@ class PAPOTrainer(GRPOTrainer):
                 "only. Raise `max_generation_batches` or check that the rewards vary within groups."
             )
 
+    @profiling_decorator
     def _set_advantages(self, output, rewards_per_func, process, G, mode, valid=None, origin=None, generated=0):
         """Replace TRL's advantages by the estimator's (on the gathered rewards), log diagnostics, annotate DARO."""
         args = self.args
@@ -331,7 +337,9 @@ class PAPOTrainer(GRPOTrainer):
         if scale is not None and mode == "train":
             self._daro.accumulate(output.sequence_loss, mask.sum(dim=1), inputs["daro_bucket"])
             if self.accelerator.sync_gradients:
-                for key, value in self._daro.step(self.accelerator).items():
+                with profiling_context(self, "daro_step"):
+                    daro_metrics = self._daro.step(self.accelerator)
+                for key, value in daro_metrics.items():
                     self._metrics[mode][key].append(value)
         return loss
 
