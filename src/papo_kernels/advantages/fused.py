@@ -46,6 +46,9 @@ _WEIGHTS_NONFINITE = tl.constexpr(types.WEIGHTS_NONFINITE)
 _OUTCOME_NONFINITE = tl.constexpr(types.OUTCOME_NONFINITE)
 _PROCESS_INF = tl.constexpr(types.PROCESS_INF)
 _CORRECT_NAN = tl.constexpr(types.CORRECT_NAN)
+# Slots of ``STATE`` and of a program's partials in ``PART``
+TICKET, BITS = tl.constexpr(0), tl.constexpr(1)
+P_COUNT, P_MEAN, P_M2, N_STATS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 _states: dict[tuple, torch.Tensor] = {}
 _scalars: dict[tuple, torch.Tensor] = {}
 
@@ -85,16 +88,16 @@ def _bit(cond, bit: tl.constexpr):
 @triton.jit
 def _take_ticket(STATE, bits):
     """Publish this program's error bits; True for the program that finishes last."""
-    tl.atomic_or(STATE + 1, bits)
-    ticket = tl.atomic_add(STATE, 1, sem="acq_rel")
+    tl.atomic_or(STATE + BITS, bits)
+    ticket = tl.atomic_add(STATE + TICKET, 1, sem="acq_rel")
     return ticket == tl.num_programs(0) - 1
 
 
 @triton.jit
 def _release(STATE, ERR):
     """Last program: write the call's error flag and zero ``STATE`` for the next call on this stream."""
-    tl.store(ERR, tl.atomic_xchg(STATE + 1, 0))
-    tl.atomic_xchg(STATE, 0)
+    tl.store(ERR, tl.atomic_xchg(STATE + BITS, 0))
+    tl.atomic_xchg(STATE + TICKET, 0)
 
 
 @triton.jit
@@ -104,9 +107,9 @@ def _publish(PART, x, valid):
     n = tl.sum(tl.sum(valid.to(tl.float64), axis=1), axis=0)
     mean = tl.sum(tl.sum(tl.where(valid, x, 0.0), axis=1), axis=0) / tl.maximum(n, 1.0)
     d = tl.where(valid, x - mean, 0.0)
-    tl.store(PART + pid * 3 + 0, n)
-    tl.store(PART + pid * 3 + 1, mean)
-    tl.store(PART + pid * 3 + 2, tl.sum(tl.sum(d * d, axis=1), axis=0))
+    tl.store(PART + pid * N_STATS + P_COUNT, n)
+    tl.store(PART + pid * N_STATS + P_MEAN, mean)
+    tl.store(PART + pid * N_STATS + P_M2, tl.sum(tl.sum(d * d, axis=1), axis=0))
 
 
 @triton.jit
@@ -118,17 +121,17 @@ def _merge(PART, N, NP_BLOCK: tl.constexpr):
     tot_s = tot_n
     for start in range(0, num_progs, NP_BLOCK):
         m = start + offs < num_progs
-        pn = tl.load(PART + (start + offs) * 3, mask=m, other=0.0, cache_modifier=".cg")
-        pm = tl.load(PART + (start + offs) * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
+        pn = tl.load(PART + (start + offs) * N_STATS + P_COUNT, mask=m, other=0.0, cache_modifier=".cg")
+        pm = tl.load(PART + (start + offs) * N_STATS + P_MEAN, mask=m, other=0.0, cache_modifier=".cg")
         tot_n += tl.sum(pn, axis=0)
         tot_s += tl.sum(pn * pm, axis=0)
     mean = tot_s / tot_n
     tot_m2 = tot_n * 0.0
     for start in range(0, num_progs, NP_BLOCK):
         m = start + offs < num_progs
-        pn = tl.load(PART + (start + offs) * 3, mask=m, other=0.0, cache_modifier=".cg")
-        pm = tl.load(PART + (start + offs) * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
-        pm2 = tl.load(PART + (start + offs) * 3 + 2, mask=m, other=0.0, cache_modifier=".cg")
+        pn = tl.load(PART + (start + offs) * N_STATS + P_COUNT, mask=m, other=0.0, cache_modifier=".cg")
+        pm = tl.load(PART + (start + offs) * N_STATS + P_MEAN, mask=m, other=0.0, cache_modifier=".cg")
+        pm2 = tl.load(PART + (start + offs) * N_STATS + P_M2, mask=m, other=0.0, cache_modifier=".cg")
         dm = tl.where(pn > 0.0, pm - mean, 0.0)
         tot_m2 += tl.sum(pm2 + pn * dm * dm, axis=0)
     std = tl.where(tot_n > 1.0, tl.sqrt(tot_m2 / (tot_n - 1.0)), float("nan"))
@@ -346,7 +349,7 @@ def _group_normalize(kernel, rewards, G, weights, eps, per_column: bool, batch: 
     S = num_groups * K if per_column else num_groups
     adv, mean, std = torch.empty(N + 2 * S, dtype=dtype, device=dev).split_with_sizes([N, S, S])
     error = torch.empty((), dtype=torch.int32, device=dev)
-    part = torch.empty(grid[0] * 3, dtype=torch.float64, device=dev) if batch else adv
+    part = torch.empty(grid[0] * N_STATS.value, dtype=torch.float64, device=dev) if batch else adv
     w = rewards if weights is None else weights
     kernel[grid](
         rewards, rewards.stride(0), stride_k, w, w.stride(0), adv, mean, std, error, part, _state(dev),
