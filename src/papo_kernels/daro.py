@@ -30,6 +30,8 @@ from torch import nn
 from ._runtime import require
 from .advantages import pass_rate_buckets
 
+__all__ = ["DAROWeights", "bucket_loss_stats", "bucket_totals", "check_weight_bounds", "sequence_buckets"]
+
 
 def check_weight_bounds(init_weight, max_weight, prefix: str = "") -> None:
     """Raise ``ValueError`` unless ``max_weight >= 1`` is finite and ``init_weight`` lies in ``[1 / max_weight,
