@@ -17,7 +17,7 @@ import torch
 from benchmarks import gpu_check, harness, report
 from benchmarks.reference import LogitsReference, linear_reference, without_entropy_bonus
 from papo_kernels import PolicyLossConfig
-from papo_kernels.loss import policy_loss_reference
+from papo_kernels.loss import naive_policy_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
@@ -100,7 +100,7 @@ def test_logits_reference_is_the_exact_loss_and_gradient(pad):
     mask[:, T - pad :] = 0
     leaf = x.clone().requires_grad_()
     for config in (CONFIG, without_entropy_bonus(CONFIG)):
-        loss = policy_loss_reference(leaf, ids, mask, adv, ref_logps=ref, config=config).loss
+        loss = naive_policy_loss(leaf, ids, mask, adv, ref_logps=ref, config=config).loss
         (grad,) = torch.autograd.grad(loss, leaf)
         exact = LogitsReference(x.float(), ids, mask, adv, ref_logps=ref, chunk_rows=4)
         parity = exact.parity(loss, grad, config)
@@ -115,7 +115,7 @@ def test_linear_reference_is_the_exact_loss_and_gradients():
     ids, adv = torch.randint(0, V, (B, T), generator=g), torch.randn(B, generator=g)
     ref, mask = -torch.rand(B, T, generator=g), torch.ones(B, T, dtype=torch.int64)
     hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
-    loss = policy_loss_reference(hd @ wd.t(), ids, mask, adv, ref_logps=ref, config=CONFIG).loss
+    loss = naive_policy_loss(hd @ wd.t(), ids, mask, adv, ref_logps=ref, config=CONFIG).loss
     expected = (loss, *torch.autograd.grad(loss, (hd, wd)))
     got = linear_reference(h, w, ids, mask, adv, CONFIG, ref_logps=ref, chunk_rows=5)
     for a, b in zip(got, expected, strict=True):

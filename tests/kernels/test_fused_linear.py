@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import papo_kernels
 from papo_kernels import PolicyLossConfig
-from papo_kernels.loss import chunked, fused_linear_policy_loss, linear_logits, policy_loss_reference
+from papo_kernels.loss import chunked, fused_linear_policy_loss, linear_logits, naive_policy_loss
 from tests.kernels._policy_loss_cases import configs, input_options, kwargs_of, make_case
 
 B, T, D, V = 3, 6, 8, 37
@@ -48,7 +48,7 @@ def run_reference(params, case, cfg, scale=1.0, cap=None):
     ps = [p.detach().double().requires_grad_() if p is not None else None for p in params]
     kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kwargs_of(case).items()}
     logits = linear_logits(ps[0], ps[1], ps[2], scale, cap)
-    out = policy_loss_reference(
+    out = naive_policy_loss(
         logits, case["completion_ids"], case["completion_mask"], case["advantages"].double(), config=cfg, **kw
     )
     out.loss.backward()
@@ -253,7 +253,7 @@ def test_qwen_head_against_fp32_and_trl_cuda(level):
     logps, entropy = (x.new_zeros(m.shape).masked_scatter(m, x) for x in outs[:2])
     trl = grads_of(loss_from_logps(logps, entropy, mask, adv, **kw).loss, (h, w))
     h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    exact = grads_of(policy_loss_reference(linear_logits(h32, w32), ids, mask, adv, **kw).loss, (h32, w32))
+    exact = grads_of(naive_policy_loss(linear_logits(h32, w32), ids, mask, adv, **kw).loss, (h32, w32))
     for a, b, e in zip(ours, trl, exact, strict=True):
         err_ours = ((a - e).norm() / e.norm()).item()
         err_trl = ((b - e).norm() / e.norm()).item()

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss
-from papo_kernels.loss import chunked, launch, linear_logits, policy_loss_reference
+from papo_kernels.loss import chunked, launch, linear_logits, naive_policy_loss
 from papo_kernels.loss.rows import _rows, _scale_rows
 from tests.kernels._policy_loss_cases import kwargs_of
 from tests.kernels.test_fused_linear import (
@@ -166,7 +166,7 @@ def test_tied_embeddings():
         **kwargs_of(case),
     ).loss)  # fmt: skip
     (got,) = torch.autograd.grad(fused, weight)
-    exact = loss_of(lambda h: policy_loss_reference(
+    exact = loss_of(lambda h: naive_policy_loss(
         linear_logits(h, weight), case["completion_ids"], case["completion_mask"], case["advantages"], config=DAPO,
         **kwargs_of(case),
     ).loss)  # fmt: skip

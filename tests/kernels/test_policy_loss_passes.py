@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss, policy_loss
-from papo_kernels.loss import launch, policy_loss_reference
+from papo_kernels.loss import launch, naive_policy_loss
 from papo_kernels.loss.rows import _rows, _scale_rows
 from tests.kernels._policy_loss_cases import kwargs_of, make_case
 from tests.kernels.test_policy_loss import run
@@ -39,7 +39,7 @@ def test_gradient_is_written_in_the_forward(cfg, forward, launches, device, monk
     buffer holds the exact gradient once the forward returns; the backward is one launch that leaves it as is."""
     monkeypatch.setattr(launch, "MAX_BLOCK_V", 16)  # several blocks a row: the second pass runs in reverse
     case = make_case(1, B, T, V, cfg=cfg, device=device, masked_row=True)
-    _, expected = run(policy_loss_reference, case, cfg)
+    _, expected = run(naive_policy_loss, case, cfg)
     buf = case["logits"].clone().requires_grad_()
     out = _loss(buf, case, cfg, inplace_grad=True)
     assert launches == forward
@@ -56,7 +56,7 @@ def test_announced_and_other_upstream_gradients(cfg, device):
     """``grad_scale`` announces the upstream gradient (a float or a device tensor): the forward writes that
     gradient; any other upstream gradient is applied by the backward's rescaling pass."""
     case = make_case(2, B, T, V, cfg=cfg, device=device, dtype=torch.float32)
-    _, expected = run(policy_loss_reference, case, cfg, logits=case["logits"].double())
+    _, expected = run(naive_policy_loss, case, cfg, logits=case["logits"].double())
     for announced, applied in ((0.25, 0.25), (torch.tensor(0.5, device=device), 0.5), (1.0, 3.0), (0.5, -2.0)):
         x = case["logits"].clone().requires_grad_()
         (_loss(x, case, cfg, grad_scale=announced).loss * applied).backward()
@@ -71,7 +71,7 @@ def test_no_gradient_needed_reads_once_and_keeps_the_logits(launches, device):
     _loss(x, case, DAPO, inplace_grad=True)  # no tensor requires grad
     assert launches == [("rows", True, False)] * 2
     assert torch.equal(x, case["logits"])
-    ref, _ = run(policy_loss_reference, case, DAPO)
+    ref, _ = run(naive_policy_loss, case, DAPO)
     torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-10, atol=1e-12)
 
 

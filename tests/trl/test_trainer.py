@@ -7,7 +7,7 @@ import torch
 from datasets import IterableDataset
 from trl import GRPOConfig, GRPOTrainer
 
-from papo_kernels.advantages import naive
+from papo_kernels.advantages.naive import naive_papo_advantages
 from papo_trl import PAPOTrainer
 from tests.trl.tiny import (
     digit_outcome_reward,
@@ -82,7 +82,8 @@ def test_papo_advantages_and_process_calls(tmp_path):
     assert judged and all(digit_outcome_reward([c])[0] == 1.0 for c in judged)
     assert torch.isnan(process[~correct]).all()
     assert torch.isnan(process[correct]).any()  # the judge's None is left out, not scored 0
-    ref = naive.papo_advantages(rewards[:, 0], process[:, 0], correct, 4, lambda_process=0.5, eps=1e-6)
+    options = dict(lambda_process=0.5, eps=1e-6, scale_by_std=True, process_norm="correct")
+    ref = naive_papo_advantages(rewards[:, 0], process[:, 0], correct, 4, **options)
     torch.testing.assert_close(advantages, ref.total, atol=1e-5, rtol=1e-5)
 
 

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from .._runtime import check_same_device, check_tensor, require, use_triton
+from .._runtime import check_same_device, check_tensor, kernels_available, require
 from .chunked import linear_gradients, token_rows
 from .config import PolicyLossConfig, PolicyLossOutput
 from .inputs import check_loss_inputs
 from .launch import scale_rows
 from .logits import _check_grad_scale
-from .naive import policy_loss_reference
+from .naive import naive_policy_loss
 from .plan import make_plan, output_from, scalar_tensor
 
 
@@ -150,9 +150,9 @@ def fused_linear_policy_loss(
         old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
         sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
     )  # fmt: skip
-    if not use_triton(hidden):
+    if not kernels_available(hidden):
         logits = linear_logits(hidden, weight, bias, logit_scale, final_logit_softcapping)
-        return policy_loss_reference(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
+        return naive_policy_loss(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
     loss, logps, entropy, seq, out = FusedLinearPolicyLossFunction.apply(
         hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
         importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config, float(logit_scale),

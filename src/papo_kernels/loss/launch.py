@@ -88,7 +88,7 @@ def _launch_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, rows, dx, sdb, sdt,
     dummy = plan.logp
     _rows[(programs(x, n_rows, warps, reuse),)](
         x, sxb, sxt, T_x, row0, n_rows, _or(rows, dummy), _or(dx, x), sdb, sdt, plan.ids, plan.mask, V, plan.T,
-        plan.params, _or(gs, dummy), plan.logp, plan.ent, plan.rmax, plan.log2s, plan.g, plan.ptl, plan.kl,
+        plan.params, _or(gs, dummy), plan.logp, plan.ent, plan.rmax, plan.log2s, plan.dlogp, plan.ptl, plan.kl,
         plan.flags, plan.w, plan.out[O_ENT_W.value :], plan.adv, a0, a1, _or(plan.old, dummy), _or(plan.ref, dummy),
         _or(plan.isr, dummy), i0, i1,
         STATS=stats, GRAD=grad, TERMS=not plan.two_phase, HAS_SOFTCAP=plan.softcap, HAS_ROWS=rows is not None,
@@ -132,7 +132,7 @@ def sequence_and_finalize(plan: Plan) -> None:
     one_per_seq = plan.seq_level and plan.adv.dim() == 1
     c = plan.cfg
     _sequence_kernel[(plan.B,)](
-        plan.logp, plan.ent, plan.g, plan.ptl, plan.kl, plan.flags, plan.mask, plan.adv, a0, a1,
+        plan.logp, plan.ent, plan.dlogp, plan.ptl, plan.kl, plan.flags, plan.mask, plan.adv, a0, a1,
         _or(plan.old, dummy), _or(plan.ref, dummy), _or(plan.isr, dummy), i0, i1,
         1 if plan.isr is None else plan.isr.shape[1], _or(plan.samp, dummy), plan.part, plan.out, plan.params,
         plan.T, int(one_per_seq and plan.T > 1), int(plan.adv.dim() == 1 or plan.T == 1),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .terms import F_BONUS, P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
+from .terms import F_BONUS, F_HIGH, F_LOW, P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
 
 LN2 = tl.constexpr(0.6931471805599453)
 NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully -inf blocks give no inf - inf
@@ -101,7 +101,7 @@ def _row_stats(xrow, tgt, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.c
 
 @triton.jit
 def _token_terms(
-    logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, G, PTL, KL, FLAGS,
+    logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, DLOGP, PTL, KL, FLAGS,
     LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
     HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):  # fmt: skip
@@ -114,10 +114,10 @@ def _token_terms(
     one = r * 0.0 + 1.0
     ptl, d_lp, d_r, kl, low, high = _policy_terms(logp, ref, adv, isr, r, one, one, P, LOSS, HAS_DELTA, HAS_KL, BIAS_KL)
     g = tl.where(on, w * (d_lp + d_r * r), 0.0)
-    tl.store(G + p, g)
+    tl.store(DLOGP + p, g)
     tl.store(PTL + p, tl.where(on, ptl, 0.0))
     tl.store(KL + p, tl.where(on, kl, 0.0))
-    tl.store(FLAGS + p, tl.where(on, low.to(tl.int32) + 2 * high.to(tl.int32), 0))
+    tl.store(FLAGS + p, tl.where(on, low.to(tl.int32) * F_LOW + high.to(tl.int32) * F_HIGH, 0))
     return g
 
 
@@ -169,7 +169,7 @@ def _row_grad(
 @triton.jit(do_not_specialize=_DNS)
 def _rows(
     X, sxb, sxt, T_x, row0, n_rows, ROWS, DX, sdb, sdt, IDS, MASK, V, T, P, GS,
-    LOGP, ENT, RMAX, LOG2S, G, PTL, KL, FLAGS, W, ENT_W,
+    LOGP, ENT, RMAX, LOG2S, DLOGP, PTL, KL, FLAGS, W, ENT_W,
     ADV, sab, sat, OLD, REF, ISR, sib, sit,
     STATS: tl.constexpr, GRAD: tl.constexpr, TERMS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, ENT_GRAD: tl.constexpr, ENT_MASK: tl.constexpr,
@@ -194,10 +194,10 @@ def _rows(
             tl.store(LOG2S + p, log2s)
             g = zero
             if TERMS:
-                g = _token_terms(logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, G, PTL, KL, FLAGS,
+                g = _token_terms(logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, DLOGP, PTL, KL, FLAGS,
                                  LOSS, HAS_OLD, HAS_KL, BIAS_KL, HAS_ISR, HAS_DELTA)  # fmt: skip
         else:
-            m, log2s, ent, g = tl.load(RMAX + p), tl.load(LOG2S + p), tl.load(ENT + p), tl.load(G + p)
+            m, log2s, ent, g = tl.load(RMAX + p), tl.load(LOG2S + p), tl.load(ENT + p), tl.load(DLOGP + p)
         if GRAD:
             scale = tl.load(GS).to(zero.dtype) * tl.load(P + P_KN)
             c = scale * tl.load(W + p // T) * g
