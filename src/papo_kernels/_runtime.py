@@ -35,8 +35,6 @@ def kernels_available(where: torch.Tensor | torch.device | str) -> bool:
     return device.type == "cuda" or (INTERPRET and device.type == "cpu")
 
 
-
-
 def next_pow2(n: int) -> int:
     """Smallest power of two >= max(n, 1) (plain integer arithmetic: cheap on the per-call host path)."""
     return 1 << (max(int(n), 1) - 1).bit_length()

@@ -284,5 +284,3 @@ def naive_policy_loss(
     check_logits_inputs(logits, completion_ids)
     logps, entropy = token_logps_and_entropy(logits, completion_ids, config.temperature)
     return loss_from_logps(logps, entropy, completion_mask, advantages, config=config, **kwargs)
-
-
