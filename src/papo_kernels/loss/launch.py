@@ -28,6 +28,7 @@ from .rows import _rows, _scale_rows
 from .terms import LOSS_IDS, O_ENT_W
 
 MAX_BLOCK_V = 8192  # vocabulary block of the row kernel
+LANES = True  # the row statistics summed per lane (reduced once a row) rather than once a block
 L2_SHARE = 0.6  # of the L2 the rows in flight of a fused pass may take
 PROGRAMS_PER_SM = 4  # programs per SM (at most) of the passes that do not re-read a row
 INTERPRETED_PROGRAMS = 3  # under the interpreter: a few, so every program strides over several rows
@@ -93,7 +94,7 @@ def _launch_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, rows, dx, sdb, sdt,
         _or(plan.isr, dummy), i0, i1,
         STATS=stats, GRAD=grad, TERMS=not plan.two_phase, HAS_SOFTCAP=plan.softcap, HAS_ROWS=rows is not None,
         ALIGNED=_aligned(sxb, sxt, sdb, sdt), ENT_GRAD=plan.cfg.entropy_coef != 0.0, ENT_MASK=plan.ent_mask,
-        BLOCK=block, num_warps=warps, **plan.flags_kw(),
+        BLOCK=block, LANES=LANES, num_warps=warps, **plan.flags_kw(),
     )  # fmt: skip
 
 

@@ -79,22 +79,54 @@ def _fold(y, m, s, a, k2):
 
 
 @triton.jit
-def _row_stats(xrow, tgt, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """One read of a row: its maximum ``m``, ``log2 s``, the entropy and the target's log-prob."""
+def _fold_sums(y, m, s, a, k2):
+    """``_fold`` with ``s`` and ``a`` reduced over the block at once (scalars: fewer registers, one more reduction)."""
+    new_m = tl.maximum(m, tl.max(y, axis=0))
+    dm = (m - new_m) * k2
+    c = tl.exp2(dm)
+    d = tl.maximum((y - new_m) * k2, FLOOR)
+    e = tl.exp2(d)
+    a = tl.where(s > 0, c * (a + s * dm), 0.0) + tl.sum(e * d, axis=0)
+    s = c * s + tl.sum(e, axis=0)
+    return new_m, s, a
+
+
+@triton.jit
+def _row_stats(xrow, tgt, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr):
+    """One read of a row: its maximum ``m``, ``log2 s``, the entropy and the target's log-prob (``LANES``: the
+    sums kept per lane and reduced once per row, else reduced per block)."""
     cols = tl.arange(0, BLOCK)
-    lanes = tl.zeros([BLOCK], zero.dtype)
-    m, s, a = zero + NEG, lanes, lanes
+    if LANES:
+        lanes = tl.zeros([BLOCK], zero.dtype)
+        m, s, a = zero + NEG, lanes, lanes
+    else:
+        m, s, a = zero + NEG, zero, zero
     n_full = (V // BLOCK) * BLOCK
-    for start in range(0, n_full, BLOCK):
-        y = _cap(tl.load(xrow + start + cols).to(zero.dtype), P, HAS_SOFTCAP)
-        m, s, a = _fold(y, m, s, a, k2)
+    if n_full > 0:  # the next block is loaded before this one is folded: two blocks in flight
+        nxt = tl.load(xrow + cols)
+        for start in range(BLOCK, n_full, BLOCK):
+            cur = nxt
+            nxt = tl.load(xrow + start + cols)
+            if LANES:
+                m, s, a = _fold(_cap(cur.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
+            else:
+                m, s, a = _fold_sums(_cap(cur.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
+        if LANES:
+            m, s, a = _fold(_cap(nxt.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
+        else:
+            m, s, a = _fold_sums(_cap(nxt.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
     if n_full < V:
         inb = n_full + cols < V
         y = _cap(tl.load(xrow + n_full + cols, mask=inb, other=float("-inf")).to(zero.dtype), P, HAS_SOFTCAP)
-        m, s, a = _fold(tl.where(inb, y, float("-inf")), m, s, a, k2)
-    s_sum = tl.sum(s, axis=0)
-    log2s = tl.log2(s_sum)
-    ent = LN2 * (log2s - tl.sum(a, axis=0) / s_sum)
+        if LANES:
+            m, s, a = _fold(tl.where(inb, y, float("-inf")), m, s, a, k2)
+        else:
+            m, s, a = _fold_sums(tl.where(inb, y, float("-inf")), m, s, a, k2)
+    if LANES:
+        s = tl.sum(s, axis=0)
+        a = tl.sum(a, axis=0)
+    log2s = tl.log2(s)
+    ent = LN2 * (log2s - a / s)
     y_id = _cap(tl.load(xrow + tgt).to(zero.dtype), P, HAS_SOFTCAP)
     return m, log2s, ent, ((y_id - m) * k2 - log2s) * LN2
 
@@ -159,11 +191,16 @@ def _row_grad(
             x = tl.load(xrow + n_full + cols, mask=inb, other=0.0).to(m.dtype)
             g = _grad_block(x, n_full + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
             tl.store(drow + n_full + cols, g.to(out_t), mask=inb)
-        for j in range(0, n_full // BLOCK):
-            start = n_full - (j + 1) * BLOCK
-            x = tl.load(xrow + start + cols).to(m.dtype)
-            g = _grad_block(x, start + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
-            tl.store(drow + start + cols, g.to(out_t))
+        if n_full > 0:  # as in the statistics: the next (lower) block is loaded before this one is written
+            nxt = tl.load(xrow + n_full - BLOCK + cols)
+            for j in range(1, n_full // BLOCK):
+                start = n_full - j * BLOCK
+                cur = nxt
+                nxt = tl.load(xrow + start - BLOCK + cols)
+                g = _grad_block(cur.to(m.dtype), start + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
+                tl.store(drow + start + cols, g.to(out_t))
+            g = _grad_block(nxt.to(m.dtype), cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
+            tl.store(drow + cols, g.to(out_t))
 
 
 @triton.jit(do_not_specialize=_DNS)
@@ -174,7 +211,7 @@ def _rows(
     STATS: tl.constexpr, GRAD: tl.constexpr, TERMS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, ENT_GRAD: tl.constexpr, ENT_MASK: tl.constexpr,
     LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
-    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr,
 ):  # fmt: skip
     """Rows ``i`` of ``X`` (at ``(i // T_x) sxb + (i % T_x) sxt``) for the flat tokens ``row0 + i`` (or
     ``ROWS[row0 + i]``), ``i`` striding over the programs; gradients go to the same rows of ``DX``."""
@@ -187,7 +224,7 @@ def _rows(
         if STATS:
             m, log2s, ent, logp = zero + NEG, zero, zero, zero
             if w != 0:
-                m, log2s, ent, logp = _row_stats(X + off, tgt, V, P, k2, zero, HAS_SOFTCAP, BLOCK)
+                m, log2s, ent, logp = _row_stats(X + off, tgt, V, P, k2, zero, HAS_SOFTCAP, BLOCK, LANES)
             tl.store(LOGP + p, logp)
             tl.store(ENT + p, ent)
             tl.store(RMAX + p, m)
