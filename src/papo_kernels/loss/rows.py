@@ -92,9 +92,10 @@ def _fold_sums(y, m, s, a, k2):
 
 
 @triton.jit
-def _row_stats(xrow, tgt, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr):
-    """One read of a row: its maximum ``m``, ``log2 s``, the entropy and the target's log-prob (``LANES``: the
-    sums kept per lane and reduced once per row, else reduced per block)."""
+def _row_stats(xrow, x_id, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr):
+    """One read of a row: its maximum ``m``, ``log2 s``, the entropy and the log-prob of the target, whose logit
+    ``x_id`` the caller loaded up front (``LANES``: the sums kept per lane and reduced once per row, else reduced
+    per block)."""
     cols = tl.arange(0, BLOCK)
     if LANES:
         lanes = tl.zeros([BLOCK], zero.dtype)
@@ -127,21 +128,22 @@ def _row_stats(xrow, tgt, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.c
         a = tl.sum(a, axis=0)
     log2s = tl.log2(s)
     ent = LN2 * (log2s - a / s)
-    y_id = _cap(tl.load(xrow + tgt).to(zero.dtype), P, HAS_SOFTCAP)
+    y_id = _cap(x_id.to(zero.dtype), P, HAS_SOFTCAP)
     return m, log2s, ent, ((y_id - m) * k2 - log2s) * LN2
 
 
 @triton.jit
 def _token_terms(
-    logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, DLOGP, PTL, KL, FLAGS,
-    LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
-    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr,
+    logp, w, p, P, adv, old, ref, isr, DLOGP, PTL, KL, FLAGS,
+    LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):  # fmt: skip
-    """Token-level loss terms of one token: stores them and returns ``dL/dlogp`` before the sequence weight."""
-    b = p // T
+    """Token-level loss terms of one token from its inputs (loaded before its row was streamed; absent ``old``
+    and ``ref`` are the log-prob itself): stores them and returns ``dL/dlogp`` before the sequence weight."""
     on = w != 0
-    adv, old, ref, isr = _load_inputs(logp, b, p - b * T, p, on, ADV, sab, sat, OLD, REF, ISR, sib, sit,
-                                      HAS_OLD, HAS_KL, HAS_ISR)  # fmt: skip
+    if not HAS_OLD:
+        old = logp
+    if not HAS_KL:
+        ref = logp
     r = tl.exp(logp - old)
     one = r * 0.0 + 1.0
     ptl, d_lp, d_r, kl, low, high = _policy_terms(logp, ref, adv, isr, r, one, one, P, LOSS, HAS_DELTA, HAS_KL, BIAS_KL)
@@ -217,32 +219,48 @@ def _rows(
     ``ROWS[row0 + i]``), ``i`` striding over the programs; gradients go to the same rows of ``DX``."""
     zero = tl.sum(tl.zeros([BLOCK], LOGP.dtype.element_ty), axis=0)
     k2 = tl.load(P + P_K2)
+    scale = zero
+    ent_w = zero
+    if GRAD:
+        scale = tl.load(GS).to(zero.dtype) * tl.load(P + P_KN)
+        if ENT_GRAD:
+            ent_w = tl.load(ENT_W)
     for i in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        # every scalar a row needs is loaded before its logits are streamed, so the loads' latencies overlap
         p, off, doff = _row(i, row0, ROWS, T_x, sxb, sxt, sdb, sdt, HAS_ROWS, ALIGNED)
         w = tl.load(MASK + p).to(zero.dtype)
         tgt = tl.load(IDS + p)
+        b = p // T
+        if STATS:
+            x_id = tl.load(X + off + tgt, mask=w != 0, other=0.0)  # ids of masked tokens may be anything
+            if TERMS:
+                adv, old, ref, isr = _load_inputs(zero, b, p - b * T, p, zero == zero, ADV, sab, sat, OLD, REF, ISR,
+                                                  sib, sit, HAS_OLD, HAS_KL, HAS_ISR)  # fmt: skip
+        else:
+            m, log2s, ent, g = tl.load(RMAX + p), tl.load(LOG2S + p), tl.load(ENT + p), tl.load(DLOGP + p)
+        if GRAD:
+            wb = tl.load(W + b)
+            if ENT_MASK:
+                bonus = (tl.load(FLAGS + p) & F_BONUS) != 0
         if STATS:
             m, log2s, ent, logp = zero + NEG, zero, zero, zero
             if w != 0:
-                m, log2s, ent, logp = _row_stats(X + off, tgt, V, P, k2, zero, HAS_SOFTCAP, BLOCK, LANES)
+                m, log2s, ent, logp = _row_stats(X + off, x_id, V, P, k2, zero, HAS_SOFTCAP, BLOCK, LANES)
             tl.store(LOGP + p, logp)
             tl.store(ENT + p, ent)
             tl.store(RMAX + p, m)
             tl.store(LOG2S + p, log2s)
             g = zero
             if TERMS:
-                g = _token_terms(logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, DLOGP, PTL, KL, FLAGS,
-                                 LOSS, HAS_OLD, HAS_KL, BIAS_KL, HAS_ISR, HAS_DELTA)  # fmt: skip
-        else:
-            m, log2s, ent, g = tl.load(RMAX + p), tl.load(LOG2S + p), tl.load(ENT + p), tl.load(DLOGP + p)
+                g = _token_terms(logp, w, p, P, adv, old, ref, isr, DLOGP, PTL, KL, FLAGS,
+                                 LOSS, HAS_OLD, HAS_KL, BIAS_KL, HAS_DELTA)  # fmt: skip
         if GRAD:
-            scale = tl.load(GS).to(zero.dtype) * tl.load(P + P_KN)
-            c = scale * tl.load(W + p // T) * g
+            c = scale * wb * g
             h = zero
             if ENT_GRAD:
-                h = scale * tl.load(ENT_W) * w
+                h = scale * ent_w * w
                 if ENT_MASK:  # only the tokens the high-entropy mask keeps
-                    h = tl.where((tl.load(FLAGS + p) & F_BONUS) != 0, h, 0.0)
+                    h = tl.where(bonus, h, 0.0)
             _row_grad(X + off, DX + doff, V, tgt, m, log2s, ent, c, h, P, k2, HAS_SOFTCAP, ENT_GRAD, BLOCK)
 
 
