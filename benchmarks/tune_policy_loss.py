@@ -27,13 +27,13 @@ from benchmarks.reference import without_entropy_bonus  # noqa: E402
 from papo_kernels import policy_loss  # noqa: E402
 from papo_kernels.loss import launch  # noqa: E402
 
-CANDIDATES = [  # (block, warps, programs, lanes)
-    (8192, 16, "l2", True), (4096, 8, "sm2", True), (4096, 4, "rows", True), (4096, 4, "rows", False),
-    (2048, 2, "rows", True), (2048, 1, "rows", True), (2048, 1, "rows", False), (1024, 1, "rows", False),
+CANDIDATES = [  # (block, warps, programs); one warp sums per block, wider tiles per lane
+    (8192, 16, "l2"), (16384, 16, "l2"), (4096, 8, "sm2"), (4096, 4, "rows"), (2048, 2, "rows"), (2048, 1, "rows"),
+    (1024, 1, "rows"),
 ]  # fmt: skip
 
 
-def use(block: int, warps: int, policy: str, lanes: bool) -> None:
+def use(block: int, warps: int, policy: str) -> None:
     """Route the library's launches through one candidate setting."""
     default_programs = launch.programs.__wrapped__ if hasattr(launch.programs, "__wrapped__") else launch.programs
 
@@ -48,7 +48,6 @@ def use(block: int, warps: int, policy: str, lanes: bool) -> None:
     programs.__wrapped__ = default_programs
     launch.tile = lambda V: (min(block, max(16, 1 << (int(V) - 1).bit_length())), warps)
     launch.programs = programs
-    launch.LANES = lanes
 
 
 def bench(fn) -> float:
@@ -93,15 +92,15 @@ def main() -> None:
             liger_ms = time_liger(x, ids, mask, adv, ref) if liger_available() else None
             rows.append(dict(V=V, pad=pad, method="liger", ms=liger_ms, floor_ms=floor_ms))
             print(f"V={V} pad={pad} liger {liger_ms} ms, two-pass floor {floor_ms:.3f} ms", flush=True)
-            for block, warps, policy, lanes in CANDIDATES:
-                use(block, warps, policy, lanes)
+            for block, warps, policy in CANDIDATES:
+                use(block, warps, policy)
                 for name, leaf, inplace in (("fused", x, False), ("fused_inplace", y, True)):
                     try:
                         ms, status = time_ours(leaf, inplace, ids, mask, adv, ref), "ok"
                     except Exception as e:  # a candidate that does not compile or fit is a row, not a stop
                         ms, status = float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
                     vs = liger_ms / ms if liger_ms else float("nan")
-                    row = dict(V=V, pad=pad, method=name, block=block, warps=warps, programs=policy, lanes=lanes, ms=ms,
+                    row = dict(V=V, pad=pad, method=name, block=block, warps=warps, programs=policy, ms=ms,
                                floor_ms=floor_ms, fraction=floor_ms / ms, vs_liger=vs, status=status)  # fmt: skip
                     rows.append(row)
                     print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

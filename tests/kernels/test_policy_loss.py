@@ -46,10 +46,15 @@ def test_kernel_matches_reference_fp64(cfg, opts, seed):
     assert_outputs_close(ours, ref, g_ours, g_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("tile", ["narrow", "wide"])
 @pytest.mark.parametrize("loss_type,level", ALL)
-def test_fp32_matches_fp64_reference(loss_type, level, device, monkeypatch):
-    """fp32 logits: loss and dlogits within 1e-5 (relative) of TRL's formulas in fp64, several vocab blocks."""
+def test_fp32_matches_fp64_reference(loss_type, level, tile, device, monkeypatch):
+    """fp32 logits: loss and dlogits within 1e-5 (relative) of TRL's formulas in fp64, several vocab blocks, with the
+    one-warp tile (sums per block) and the wide tile (sums per lane)."""
     monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 32)
+    monkeypatch.setattr(launch_mod, "SMALL_BLOCK", 32)
+    if tile == "wide":
+        monkeypatch.setattr(launch_mod, "SMALL_V", 0)
     cfg = PolicyLossConfig(
         loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28 if loss_type != "cispo" else 1.3,
         beta=0.04, use_bias_correction_kl=level == "sequence", entropy_coef=0.01, temperature=0.8,
@@ -117,6 +122,7 @@ def test_masked_rows_and_fully_masked_batch(level, device):
 
 def test_extreme_and_neg_inf_logits(device, monkeypatch):
     monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(launch_mod, "SMALL_BLOCK", 16)
     cfg = PolicyLossConfig(loss_type="dapo", entropy_coef=0.05, beta=0.02)
     case = make_case(4, 2, 5, 50, cfg=cfg, device=device, scale=1e4)
     x = case["logits"].float()
@@ -177,6 +183,7 @@ def test_num_items_and_sequence_scale_inputs(device):
 def test_long_sequence(device, monkeypatch):
     """One 1,100-token sequence: the sequence kernel loops over three token blocks, logits over vocab blocks."""
     monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(launch_mod, "SMALL_BLOCK", 16)
     cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.01, entropy_coef=0.01)
     case = make_case(9, 1, 1100, 20, cfg=cfg, device=device, dtype=torch.float32)
     ours, g = run(policy_loss, case, cfg)

@@ -90,6 +90,7 @@ def test_option_fp32_within_1e5_of_fp64(name, device, monkeypatch):
     """fp32 logits over several vocabulary blocks; the quantile's rank is fractional, so no token's entropy sits
     on the threshold (there fp32 and fp64 may legitimately disagree)."""
     monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 32)
+    monkeypatch.setattr(launch_mod, "SMALL_BLOCK", 32)
     overrides, opts = OPTIONS[name]
     cfg = _config(**overrides)
     case = make_case(19, B, 9, 77, cfg=cfg, device=device, masked_row=True, **opts)

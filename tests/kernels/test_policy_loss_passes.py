@@ -38,6 +38,7 @@ def test_gradient_is_written_in_the_forward(cfg, forward, launches, device, monk
     """Single phase: one launch of the row kernel in the forward; two phases: statistics then gradient. The in-place
     buffer holds the exact gradient once the forward returns; the backward is one launch that leaves it as is."""
     monkeypatch.setattr(launch, "MAX_BLOCK_V", 16)  # several blocks a row: the second pass runs in reverse
+    monkeypatch.setattr(launch, "SMALL_BLOCK", 16)
     case = make_case(1, B, T, V, cfg=cfg, device=device, masked_row=True)
     _, expected = run(naive_policy_loss, case, cfg)
     buf = case["logits"].clone().requires_grad_()
@@ -120,9 +121,10 @@ def test_second_backward_raises(device):
 
 def test_programs_fit_the_l2_and_the_sms():
     """Rows in flight on an H100 (132 SMs, 50 MB of L2): one program per SM for the widest blocks, more for narrow
-    rows while the L2 holds them."""
+    rows while the L2 holds them; rows up to 65,536 logits take the one-warp tile."""
     big = launch.tile(151936)
-    assert big == (8192, 16) and launch.tile(100) == (128, 4)
+    assert big == (8192, 16) and launch.tile(100) == (1024, 1) and launch.tile(32000) == (1024, 1)
+    assert launch.tile(65537) == (8192, 16)
     h100 = (132, 50 << 20)
     assert launch.occupancy(10**6, big[1], 151936 * 2, *h100) == 132
     assert launch.occupancy(10**6, 4, 2048 * 2, *h100) == 132 * 4
