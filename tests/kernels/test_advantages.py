@@ -195,13 +195,18 @@ def test_empty_batch(device):
     assert papo_advantages(r, r, r, 4).total.numel() == 0
 
 
+# value errors (inf, NaN) raise at once with validate=True on every device; without it, CUDA defers them to
+# result.check() (test_advantages_hot_path.py)
 BAD = [
     (lambda d: grpo_advantages(torch.zeros(6, device=d), 4), "not a multiple of the group size"),
     (lambda d: grpo_advantages(torch.zeros(8, device=d), 0), "`G` must be a positive integer"),
     (lambda d: grpo_advantages(torch.zeros(8, device=d), -2), "`G` must be a positive integer"),
     (lambda d: grpo_advantages(torch.zeros(8, 2, 2, device=d), 4), "`rewards` must have 1 or 2 dims"),
     (lambda d: grpo_advantages(torch.zeros(8, dtype=torch.long, device=d), 4), "`rewards` must be a floating"),
-    (lambda d: grpo_advantages(torch.tensor([1.0, float("inf")], device=d), 2), "`rewards` contains +-inf"),
+    (
+        lambda d: grpo_advantages(torch.tensor([1.0, float("inf")], device=d), 2, validate=True),
+        "`rewards` contains +-inf",
+    ),
     (lambda d: grpo_advantages(torch.zeros(8, 2, device=d), 4, weights=torch.ones(3, device=d)), "`weights` has 3"),
     (lambda d: grpo_advantages(torch.zeros(8, device=d), 4, scale="prompt"), "`scale` must be"),
     (lambda d: gdpo_advantages(torch.zeros(8, device=d), 4, eps=-1.0), "`eps` must be"),
@@ -217,13 +222,21 @@ BAD = [
     ),
     (
         lambda d: papo_advantages(
-            torch.zeros(8, device=d), torch.zeros(8, device=d), torch.full((8,), float("nan"), device=d), 4
+            torch.zeros(8, device=d),
+            torch.zeros(8, device=d),
+            torch.full((8,), float("nan"), device=d),
+            4,
+            validate=True,
         ),
         "`correct` contains NaN",
     ),
     (
         lambda d: papo_advantages(
-            torch.full((8,), float("nan"), device=d), torch.zeros(8, device=d), torch.zeros(8, device=d), 4
+            torch.full((8,), float("nan"), device=d),
+            torch.zeros(8, device=d),
+            torch.zeros(8, device=d),
+            4,
+            validate=True,
         ),
         "`outcome` must be finite",
     ),
@@ -233,9 +246,15 @@ BAD = [
         ),
         "`process_norm` must be",
     ),
-    (lambda d: dynamic_sampling_mask(torch.tensor([1.0, float("nan")], device=d), 2), "`outcome` must be finite"),
+    (
+        lambda d: dynamic_sampling_mask(torch.tensor([1.0, float("nan")], device=d), 2, validate=True),
+        "`outcome` must be finite",
+    ),
     (lambda d: pass_rate_buckets(torch.zeros(6, device=d), 4), "not a multiple of the group size"),
-    (lambda d: pass_rate_buckets(torch.tensor([float("nan"), 1.0], device=d), 2), "`correct` contains NaN"),
+    (
+        lambda d: pass_rate_buckets(torch.tensor([float("nan"), 1.0], device=d), 2, validate=True),
+        "`correct` contains NaN",
+    ),
 ]
 
 
