@@ -116,7 +116,44 @@ def fused_linear_policy_loss(
     TRL's chunked path (``chunked.chunk_limit``). The gradients are computed in the forward for the upstream gradient
     ``grad_scale`` (e.g. ``1 / gradient_accumulation_steps`` when the caller divides the loss by that before
     ``backward``): the backward then costs nothing; another upstream gradient costs one pass over the gradients.
-    One backward per call."""
+    One backward per call.
+
+    Args:
+        hidden: ``[B, T, D]`` final hidden states; ``hidden[b, t]`` predicts ``completion_ids[b, t]``.
+        weight: ``[V, D]`` the LM head (tied or not; a frozen head gets no gradient).
+        completion_ids: ``[B, T]`` integer targets in ``[0, V)``.
+        completion_mask: ``[B, T]`` 1 for the tokens in the loss; masked tokens cost no matmul.
+        advantages: ``[B]`` or ``[B, T]``.
+        bias: ``[V]`` or ``None``.
+        old_logps, ref_logps, importance_sampling_ratio, sampling_logps, num_items_in_batch, sequence_scale: the
+            optional inputs, as in :func:`~papo_kernels.loss.loss_from_logps` (``old_logps=None``: on-policy).
+        logit_scale: multiplies the head's output (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``).
+        final_logit_softcapping: ``c * tanh(z / c)`` after the scale (Gemma 2), or ``None``.
+        chunk_size: the most tokens per chunk; ``None`` chooses it from the memory budget.
+        grad_scale: the upstream gradient the gradients are computed for (a number or a one-element tensor on the
+            hidden states' device).
+        config: the hyper-parameters (``config.temperature`` divides the logits).
+
+    Returns:
+        :class:`~papo_kernels.PolicyLossOutput`; ``loss`` is differentiable w.r.t. ``hidden``, ``weight`` and
+        ``bias``.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import PolicyLossConfig, fused_linear_policy_loss, policy_loss
+        >>> g = torch.Generator().manual_seed(0)
+        >>> hidden = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        >>> weight = torch.randn(6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        >>> ids, mask = torch.tensor([[1, 2, 3], [0, 5, 5]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+        >>> adv, cfg = torch.tensor([1.0, -0.5], dtype=torch.float64), PolicyLossConfig("dapo")
+        >>> out = fused_linear_policy_loss(hidden, weight, ids, mask, adv, config=cfg)
+        >>> ref = policy_loss(hidden @ weight.T, ids, mask, adv, config=cfg)  # the same loss from the logits
+        >>> torch.allclose(out.loss, ref.loss)
+        True
+        >>> out.loss.backward()
+        >>> hidden.grad[1, 2]  # a masked token
+        tensor([0., 0., 0., 0.], dtype=torch.float64)
+    """
     check_tensor("hidden", hidden, ndim=3, floating=True)
     check_tensor("weight", weight, ndim=2, floating=True)
     require(weight.shape[1] == hidden.shape[-1], f"`weight` must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
