@@ -189,3 +189,16 @@ def test_tiny_real_run(tmp_path):
             "--logging_steps", "1", "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
     assert cli.main(argv) == 0
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_judge_flags_default_to_the_judges_own_defaults():
+    """The CLI stays light (it does not import the judge's client to build its flags), so its judge defaults are
+    written out; they must stay those of :class:`RubricJudge`."""
+    import inspect
+
+    judge = inspect.signature(RubricJudge).parameters
+    flags = {f.name: f.default for f in dataclasses.fields(cli.PAPOScriptArguments)}
+    pairs = {"model": "judge_model", "api_key": "judge_api_key", "max_concurrency": "judge_max_concurrency",
+             "request_timeout": "judge_timeout", "max_retries": "judge_max_retries",
+             "batch_deadline": "judge_batch_deadline", "max_tokens": "judge_max_tokens"}  # fmt: skip
+    assert {k: judge[k].default for k in pairs} == {k: flags[v] for k, v in pairs.items()}
