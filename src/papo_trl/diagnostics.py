@@ -23,6 +23,11 @@ import torch
 from .estimators import Advantages
 
 NAN = float("nan")
+# where the learning signal is (the PAPO paper's measure: the responses whose advantage is 0 teach nothing)
+SIGNAL_KEYS = (
+    "papo/zero_advantage_frac", "papo/zero_advantage_group_frac", "papo/all_correct_group_frac",
+    "papo/all_incorrect_group_frac", "papo/process_active_ratio", "papo/process_accuracy_corr",
+)  # fmt: skip
 INTENSIVE = ("latency", "mean", "seconds", "rate", "ratio", "frac", "size", "avg")
 
 

@@ -10,6 +10,7 @@ import torch
 from papo_trl.demo import model as demo_model
 from papo_trl.demo.model import ALPHABET, build_model, build_tokenizer
 from papo_trl.demo.task import TaskSpec, make_dataset, make_problem, make_splits
+from papo_trl.diagnostics import SIGNAL_KEYS
 from papo_trl.rewards import exact_answer_reward, step_checker_reward
 
 
@@ -121,11 +122,21 @@ def _check_outputs(out_dir, methods):
     numbers = list(_finite_numbers(summary))
     assert numbers and all(math.isfinite(x) for x in numbers)
     for method in methods:
-        held_out = summary["curves"][method]["held_out"]
-        assert held_out[0]["step"] == 0 and len(held_out) >= 2
-        assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["process_score"] <= 1.0 for r in held_out)
-        assert summary["curves"][method]["train"], "no training logs recorded"
+        runs = summary["curves"][method]
+        for run in runs if isinstance(runs, list) else [runs]:
+            held_out = run["held_out"]
+            assert held_out[0]["step"] == 0 and len(held_out) >= 2
+            assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["process_score"] <= 1.0 for r in held_out)
+            assert run["train"], "no training logs recorded"
     return summary
+
+
+def _check_diagnostics(diagnostics):
+    """Every method logs the learning-signal shares; PAPO alone has an A_proc."""
+    for key in SIGNAL_KEYS:
+        assert set(diagnostics[key]) == {"mean", "start", "end"}
+    for key in ("papo/zero_advantage_frac", "papo/all_correct_group_frac", "papo/all_incorrect_group_frac"):
+        assert 0.0 <= diagnostics[key]["mean"] <= 1.0
 
 
 @pytest.mark.slow
@@ -139,11 +150,14 @@ def test_quick_demo_end_to_end(tmp_path):
     for key in ("before", "after"):
         assert 0.0 <= summary[key]["accuracy"] <= 1.0 and summary[key]["mean_length"] > 0
     assert summary["seconds"]["total"] > 0
+    _check_diagnostics(summary["diagnostics"])
+    assert 0.0 <= summary["diagnostics"]["papo/process_active_ratio"]["mean"] <= 1.0
 
 
 @pytest.mark.slow
-def test_compare_plumbing(tmp_path, monkeypatch):
-    """The comparison with a micro profile: every method runs from the same warm start and is plotted."""
+def test_compare_over_seeds(tmp_path, monkeypatch, capsys):
+    """The comparison with a micro profile on two seeds: every method runs from each seed's warm start, the summary
+    holds the mean and range over seeds, the plot and the table are written."""
     from dataclasses import replace
 
     from papo_trl.demo import compare, run
@@ -151,11 +165,31 @@ def test_compare_plumbing(tmp_path, monkeypatch):
     micro = replace(run.QUICK, n_sft=200, n_eval=20, sft_steps=4, rl_steps=2, eval_every=1, n_eval_curve=8)
     monkeypatch.setattr(run, "QUICK", micro)
     monkeypatch.setattr(compare, "QUICK", micro)
-    summary = compare.run_compare(seed=1, quick=True, output_dir=str(tmp_path / "cmp"))
-    _check_outputs(tmp_path / "cmp", ["grpo", "papo", "prm_only"])
-    assert set(summary["runs"]) == {"grpo", "papo", "prm_only"} and summary["quick"] is True
+    summary = compare.run_compare(quick=True, output_dir=str(tmp_path / "cmp"), seeds=[1, 2])
+    methods = ["grpo", "papo", "prm_only"]
+    _check_outputs(tmp_path / "cmp", methods)
+    assert summary["seeds"] == [1, 2] and summary["methods"] == methods and summary["quick"] is True
+    assert [r["seed"] for r in summary["per_seed"]] == [1, 2]
+    for method in methods:
+        assert [c["seed"] for c in summary["curves"][method]] == [1, 2]
+        accuracy = summary["runs"][method]["accuracy"]
+        finals = [r["runs"][method]["after"]["accuracy"] for r in summary["per_seed"]]
+        assert accuracy["values"] == finals and accuracy["n"] == 2
+        assert accuracy["min"] == min(finals) and accuracy["max"] == max(finals)
+        assert accuracy["mean"] == pytest.approx(sum(finals) / 2)
+        assert summary["runs"][method]["non_finite"] == []
+        for seed_run in summary["per_seed"]:
+            _check_diagnostics(seed_run["runs"][method]["diagnostics"])
+    assert summary["runs"]["grpo"]["papo/process_active_ratio"]["n"] == 0  # no A_proc without PAPO
+    assert summary["runs"]["papo"]["papo/process_active_ratio"]["n"] == 2
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert all(f"| {method} |" in table for method in methods) and "zero-advantage responses" in table
+    printed = capsys.readouterr().out  # the rich table, one column per run
+    assert "demo --compare: mean [min, max] over seeds 1, 2" in printed and "zero-advantage" in printed
     with pytest.raises(ValueError, match="methods"):
         compare.run_compare(methods=("ppo",))
+    with pytest.raises(ValueError, match="seeds"):
+        compare.run_compare(seeds=[0, 0])
 
 
 def test_model_spec_defaults_are_tiny():

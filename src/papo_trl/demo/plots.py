@@ -47,3 +47,54 @@ def plot_curves(curves: dict[str, dict], path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+SPREAD_PANELS = (
+    ("held_out", "accuracy", "held-out accuracy (greedy)"),
+    ("held_out", "process_score", "held-out process score (step checker)"),
+    ("train", "papo/zero_advantage_frac", "responses with zero advantage (train)"),
+    ("train", "papo/all_correct_group_frac", "all-correct groups (train)"),
+    ("train", "papo/all_incorrect_group_frac", "all-incorrect groups (train)"),
+    ("train", "papo/process_accuracy_corr", "corr(process score, correct) (train)"),
+)
+
+
+def band(runs: list[dict], source: str, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """``(steps, mean, min, max)`` over ``runs`` (one ``{"train": rows, "held_out": rows}`` per seed) of ``key`` in
+    each run's ``source`` rows, at the steps where every run has a finite value; train rows are first smoothed
+    per run by a trailing moving average over a twentieth of its points."""
+    per_run = []
+    for run in runs:
+        rows = [r for r in run[source] if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
+        values = [r[key] for r in rows]
+        if source == "train":
+            values = moving_average(values, window=max(1, len(values) // 20))
+        per_run.append(dict(zip((r["step"] for r in rows), values, strict=True)))
+    steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    columns = [[p[s] for p in per_run] for s in steps]
+    return steps, [sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
+
+
+def plot_spread(curves: dict[str, list[dict]], path: str, title: str = "") -> None:
+    """``curves[method]`` = one ``{"seed", "train", "held_out"}`` per seed: the mean over seeds as a line, the
+    min-max range over seeds shaded, 2 x 3 panels (held-out accuracy and process score, the learning signal)."""
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.2))
+    for ax, (source, key, label) in zip(axes.flat, SPREAD_PANELS, strict=True):
+        for i, (method, runs) in enumerate(curves.items()):
+            steps, mean, low, high = band(runs, source, key)
+            if not steps:  # a diagnostic the method does not have
+                continue
+            color = f"C{i}"
+            ax.plot(steps, mean, color=color, marker="o" if source == "held_out" else None, ms=3, label=method)
+            if len(runs) > 1:
+                ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -57,7 +57,11 @@ def make_problem(rng: random.Random, spec: TaskSpec = TaskSpec()) -> dict[str, s
 
 
 def make_dataset(
-    n: int, seed: int, spec: TaskSpec = TaskSpec(), exclude: set[str] | None = None, distinct: bool = False,
+    n: int,
+    seed: int,
+    spec: TaskSpec = TaskSpec(),
+    exclude: set[str] | None = None,
+    distinct: bool = False,
     direct_fraction: float = 0.0,
 ) -> Dataset:
     """``n`` problems drawn from ``seed``, none of whose prompts is in ``exclude`` (and all different if
