@@ -209,3 +209,63 @@ def test_curve_recorder_flags_non_finite_training():
     recorder.on_log(None, SimpleNamespace(global_step=3), None, logs={"train_runtime": 1.0})  # summary row: skipped
     assert recorder.non_finite == ["loss@2", "grad_norm@3"]
     assert [row["step"] for row in recorder.train] == [1, 2, 3]
+
+
+def test_spread_over_seeds():
+    from papo_trl.demo.aggregate import spread
+
+    s = spread([0.5, None, 0.7, float("nan"), 0.9])
+    assert (s["mean"], s["min"], s["max"], s["n"]) == (pytest.approx(0.7), 0.5, 0.9, 3)
+    assert s["std"] == pytest.approx(0.2)  # sample std of 0.5, 0.7, 0.9
+    assert s["values"][0] == 0.5 and len(s["values"]) == 5
+    one, none = spread([0.25]), spread([None])
+    assert (one["mean"], one["std"], one["n"]) == (0.25, None, 1)
+    assert none["mean"] is none["min"] is none["std"] is None and none["n"] == 0
+
+
+def test_band_and_table_cells():
+    from papo_trl.demo.aggregate import spread
+    from papo_trl.demo.plots import band
+    from papo_trl.demo.table import format_cell
+
+    runs = [
+        {"held_out": [{"step": 0, "accuracy": 0.2}, {"step": 5, "accuracy": 0.6}]},
+        {"held_out": [{"step": 0, "accuracy": 0.4}, {"step": 5, "accuracy": float("nan")}]},
+    ]
+    steps, mean, low, high = band(runs, "held_out", "accuracy")  # step 5 is NaN in one run: left out
+    assert steps == [0] and mean == [pytest.approx(0.3)] and (low, high) == ([0.2], [0.4])
+    assert format_cell(spread([0.5, 0.75])) == "0.625 [0.500, 0.750]"
+    assert format_cell(spread([0.5, 0.75]), two_lines=True) == "0.625\n[0.50, 0.75]"
+    assert format_cell(spread([0.5])) == "0.500" and format_cell(spread([])) == format_cell(None) == "-"
+
+
+def test_compare_profile_trains_fewer_rl_steps():
+    from dataclasses import replace
+
+    from papo_trl.demo import compare, run
+
+    assert compare.compare_profile(quick=True) is run.QUICK
+    assert compare.compare_profile(quick=False) == replace(run.FULL, rl_steps=compare.COMPARE_RL_STEPS)
+    assert compare.COMPARE_RL_STEPS < run.FULL.rl_steps and compare.COMPARE_RL_STEPS % run.FULL.eval_every == 0
+
+
+def test_demo_methods_log_the_step_checker_on_every_response():
+    """GRPO and PRM-only pass the step checker as a logged-only process reward (the ``grpo`` estimator), so the
+    trainer logs the same learning-signal diagnostics for all three methods."""
+    from papo_trl.demo.run import FULL, rl_trainer_kwargs
+
+    for method, estimator, n_rewards in (("papo", "papo", 1), ("grpo", "grpo", 1), ("prm_only", "grpo", 2)):
+        kwargs = rl_trainer_kwargs(method, FULL, seed=0, output_dir="unused")
+        assert kwargs["process_reward_funcs"] == [step_checker_reward] and len(kwargs["reward_funcs"]) == n_rewards
+        args = kwargs["args"]
+        assert args.advantage_estimator == estimator and args.process_reward_on_correct_only is False
+    assert rl_trainer_kwargs("prm_only", FULL, 0, "unused")["args"].reward_weights == [0.0, 1.0]
+
+
+def test_seeds_flag():
+    from papo_trl.cli import parse_demo_args, run_demo_command
+
+    assert parse_demo_args(["--compare", "--seeds", "0", "1", "2"]).seeds == [0, 1, 2]
+    assert parse_demo_args(["--compare"]).seeds is None
+    with pytest.raises(ValueError, match="--seeds needs --compare"):
+        run_demo_command(parse_demo_args(["--seeds", "0", "1"]))

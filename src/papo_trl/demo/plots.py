@@ -53,22 +53,26 @@ SPREAD_PANELS = (
     ("held_out", "accuracy", "held-out accuracy (greedy)"),
     ("held_out", "process_score", "held-out process score (step checker)"),
     ("train", "papo/zero_advantage_frac", "responses with zero advantage (train)"),
+    ("train", "papo/process_active_ratio", "groups where A_proc is active (train)"),
+    ("train", OUTCOME_KEY, "accuracy of the sampled responses (train)"),
     ("train", "papo/all_correct_group_frac", "all-correct groups (train)"),
     ("train", "papo/all_incorrect_group_frac", "all-incorrect groups (train)"),
     ("train", "papo/process_accuracy_corr", "corr(process score, correct) (train)"),
 )
 
 
-def band(runs: list[dict], source: str, key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+def band(
+    runs: list[dict], source: str, key: str, smooth: int = 10
+) -> tuple[list[int], list[float], list[float], list[float]]:
     """``(steps, mean, min, max)`` over ``runs`` (one ``{"train": rows, "held_out": rows}`` per seed) of ``key`` in
     each run's ``source`` rows, at the steps where every run has a finite value; train rows are first smoothed
-    per run by a trailing moving average over a twentieth of its points."""
+    per run by a trailing moving average over ``1 / smooth`` of its points."""
     per_run = []
     for run in runs:
         rows = [r for r in run[source] if isinstance(r.get(key), (int, float)) and r[key] == r[key]]
         values = [r[key] for r in rows]
         if source == "train":
-            values = moving_average(values, window=max(1, len(values) // 20))
+            values = moving_average(values, window=max(1, len(values) // smooth))
         per_run.append(dict(zip((r["step"] for r in rows), values, strict=True)))
     steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
     columns = [[p[s] for p in per_run] for s in steps]
@@ -77,8 +81,8 @@ def band(runs: list[dict], source: str, key: str) -> tuple[list[int], list[float
 
 def plot_spread(curves: dict[str, list[dict]], path: str, title: str = "") -> None:
     """``curves[method]`` = one ``{"seed", "train", "held_out"}`` per seed: the mean over seeds as a line, the
-    min-max range over seeds shaded, 2 x 3 panels (held-out accuracy and process score, the learning signal)."""
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7.2))
+    min-max range over seeds shaded, 2 x 4 panels (held-out accuracy and process score, the learning signal)."""
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.4))
     for ax, (source, key, label) in zip(axes.flat, SPREAD_PANELS, strict=True):
         for i, (method, runs) in enumerate(curves.items()):
             steps, mean, low, high = band(runs, source, key)
@@ -96,5 +100,5 @@ def plot_spread(curves: dict[str, list[dict]], path: str, title: str = "") -> No
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
