@@ -42,7 +42,9 @@ class DemoArguments:
     output_dir: str | None = field(
         default=None, metadata={"help": "Where summary.json and curves.png go; unset: papo_demo[_compare]."}
     )
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; unset: torch's choice."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads; unset: torch's choice (1 with --compare)."}
+    )
 
 
 @dataclass

@@ -14,17 +14,22 @@ import os
 import time
 from dataclasses import asdict, replace
 
+import torch
+
 from .aggregate import SPREAD, aggregate_runs, spread
 from .model import build_model
 from .plots import plot_spread
 from .run import METHODS, QUICK, evaluate, prepare, profile_for, train_rl, write_outputs
 from .table import print_table, write_markdown_table
 
-__all__ = ["COMPARE_RL_STEPS", "compare_profile", "run_compare"]
+__all__ = ["COMPARE_RL_STEPS", "COMPARE_THREADS", "compare_profile", "run_compare"]
 
 # RL steps of each compared run (the single run trains 250): held-out accuracy is mostly learnt within 100 steps,
 # and nine runs (three methods on three seeds) then fit in 15 minutes on 2 CPU cores
 COMPARE_RL_STEPS = 150
+# torch threads of each compared run unless asked otherwise: the tiny model gains little from a second thread, and
+# two threads slow down several-fold on a 2-core machine as soon as another process takes a core
+COMPARE_THREADS = 1
 
 
 def compare_profile(quick: bool):
@@ -42,7 +47,8 @@ def run_compare(
     seeds: list[int] | None = None,
 ) -> dict:
     """Train every method in ``methods`` on every seed of ``seeds`` (default: ``[seed]``), each seed from its own
-    warm start; write ``summary.json``, ``curves.png`` and ``table.md`` and print the table."""
+    warm start, with ``num_threads`` torch threads (default ``COMPARE_THREADS``); write ``summary.json``,
+    ``curves.png`` and ``table.md`` and print the table."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {', '.join(METHODS)}, got {methods!r}")
@@ -52,13 +58,17 @@ def run_compare(
     profile = compare_profile(quick)
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
-    per_seed = [_compare_one_seed(profile, s, methods, output_dir, num_threads) for s in seeds]
+    num_threads, threads_before = num_threads or COMPARE_THREADS, torch.get_num_threads()
+    try:
+        per_seed = [_compare_one_seed(profile, s, methods, output_dir, num_threads) for s in seeds]
+    finally:
+        torch.set_num_threads(threads_before)
     curves = {m: [{"seed": r["seed"], **r["curves"][m]} for r in per_seed] for m in methods}
     for r in per_seed:
         del r["curves"]
     summary = {
         "seeds": seeds, "quick": profile is QUICK, "methods": list(methods), "spread": SPREAD,
-        "profile": asdict(profile),
+        "profile": asdict(profile), "num_threads": num_threads,
         "before": {key: spread([r["before"][key] for r in per_seed]) for key in ("accuracy", "process_score")},
         "runs": aggregate_runs(per_seed, methods), "per_seed": per_seed,
         "seconds": {"total": time.perf_counter() - start}, "curves": curves,
