@@ -6,7 +6,7 @@ columns for GRPO/GDPO (one with 1% NaN), outcome/process/correct for PAPO.
 Methods:
   fused            the public call as a trainer makes it (argument checks; value checks carried in a flag, no sync)
   fused_validated  the same with validate=True: the value-error flag read at once (one host sync)
-  torch_reference  papo_kernels.advantages.naive (the specification)
+  torch_reference  papo_kernels.advantages.naive (the specification), with the public functions' defaults
   trl_eager        TRL 1.16's sum_then_normalize (GRPO) / normalize_then_sum (GDPO), as written in GRPOTrainer
   verl_loop        verl's per-group Python loop (which PAPO's official code builds on), N = 1,024 only
 
@@ -21,18 +21,25 @@ call is bound by launches and host syncs, which the kernels/copies/syncs columns
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import torch
 from harness import Results, arg_parser, bytes_floor_ms, floors, on_cuda, rel_err, tensor_bytes, wanted
 from peers import trl_normalize_then_sum, trl_sum_then_normalize
 
 from papo_kernels import gdpo_advantages, grpo_advantages, papo_advantages
-from papo_kernels.advantages import naive
+from papo_kernels.advantages import GRPO_EPS, PAPO_EPS
+from papo_kernels.advantages.naive import naive_gdpo_advantages, naive_grpo_advantages, naive_papo_advantages
 
 SWEEP = [(N, G) for N in (1024, 65536, 262144) for G in (8, 16)]
 QUICK = [(64, 8)]
 TOL = 1e-5
 VERL_MAX_N = 1024
+# the references, called as the public functions are called by default
+PAPO_DEFAULTS = dict(lambda_process=1.0, eps=PAPO_EPS, scale_by_std=True, process_norm="correct")
+reference_papo = partial(naive_papo_advantages, **PAPO_DEFAULTS)
+reference_grpo = partial(naive_grpo_advantages, weights=None, scale="group", eps=GRPO_EPS)
+reference_gdpo = partial(naive_gdpo_advantages, weights=None, eps=GRPO_EPS)
 
 
 def verl_loop(outcome: torch.Tensor, process: torch.Tensor, correct: torch.Tensor, G: int, eps: float = 1e-6):
@@ -69,11 +76,11 @@ def cases(o, p, c, r, G: int) -> dict:
     checked = "validate" in inspect.signature(papo_advantages).parameters
     nv = {"validate": True} if checked else None
     papo = {"fused": lambda: papo_advantages(o, p, c, G),
-            "torch_reference": lambda: naive.papo_advantages(o, p, c, G)}  # fmt: skip
+            "torch_reference": lambda: reference_papo(o, p, c, G)}  # fmt: skip
     grpo = {"fused": lambda: grpo_advantages(r, G), "trl_eager": lambda: trl_sum_then_normalize(r, G),
-            "torch_reference": lambda: naive.grpo_advantages(r, G)}  # fmt: skip
+            "torch_reference": lambda: reference_grpo(r, G)}  # fmt: skip
     gdpo = {"fused": lambda: gdpo_advantages(r, G), "trl_eager": lambda: trl_normalize_then_sum(r, G),
-            "torch_reference": lambda: naive.gdpo_advantages(r, G)}  # fmt: skip
+            "torch_reference": lambda: reference_gdpo(r, G)}  # fmt: skip
     if nv:
         papo["fused_validated"] = lambda: papo_advantages(o, p, c, G, **nv)
         grpo["fused_validated"] = lambda: grpo_advantages(r, G, **nv)
@@ -82,9 +89,9 @@ def cases(o, p, c, r, G: int) -> dict:
         papo["verl_loop"] = lambda: verl_loop(o, p, c, G)
     d = lambda t: t.double()  # noqa: E731
     return {
-        "papo": ((o, p, c), naive.papo_advantages(d(o), d(p), c, G).total, papo),
-        "grpo": ((r,), naive.grpo_advantages(d(r), G).advantages, grpo),
-        "gdpo": ((r,), naive.gdpo_advantages(d(r), G).advantages, gdpo),
+        "papo": ((o, p, c), reference_papo(d(o), d(p), c, G).total, papo),
+        "grpo": ((r,), reference_grpo(d(r), G).advantages, grpo),
+        "gdpo": ((r,), reference_gdpo(d(r), G).advantages, gdpo),
     }
 
 

@@ -17,6 +17,8 @@ and what is left of --budget (480 s) after the report's; the optional end-to-end
   advantages     60 s  bench_advantages.py
   policy_loss   120 s  bench_policy_loss.py
   fused_linear  120 s  bench_fused_linear.py
+  fused_linear_profile
+                 60 s  bench_fused_linear.py --profile: the kernel timeline of one fused-linear call per config
   trainer_step  100 s  bench_trainer_step.py (optional)
   report         40 s  report.py -> results/REPORT.md and plots (results/cpu/REPORT.md on a CPU)
 
@@ -78,6 +80,7 @@ def stages(quick: bool) -> list[Stage]:
         bench("advantages", 60),
         bench("policy_loss", 120),
         bench("fused_linear", 120),
+        Stage("fused_linear_profile", 60, [py, str(HERE / "bench_fused_linear.py"), "--profile", *q]),
         bench("trainer_step", 100, optional=True),
     ]
 

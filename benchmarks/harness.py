@@ -82,12 +82,15 @@ def _version(package: str) -> str | None:
 
 
 def _commit() -> str:
+    """``PAPO_COMMIT`` when set (a copy of the tree may carry another repository's HEAD), else git's HEAD."""
+    if os.environ.get("PAPO_COMMIT"):
+        return os.environ["PAPO_COMMIT"]
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).parent)  # fmt: skip
         if out.returncode == 0:
             return out.stdout.strip()
-    return os.environ.get("PAPO_COMMIT", "unknown")
+    return "unknown"
 
 
 def device_info() -> dict:

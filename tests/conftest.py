@@ -20,6 +20,8 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# --doctest-modules would import this file as a module named "conftest", as it does src/conftest.py
+collect_ignore = ["conftest.py"]
 
 
 @pytest.fixture

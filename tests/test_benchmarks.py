@@ -17,7 +17,7 @@ import torch
 from benchmarks import gpu_check, harness, report
 from benchmarks.reference import LogitsReference, linear_reference, without_entropy_bonus
 from papo_kernels import PolicyLossConfig
-from papo_kernels.loss import policy_loss_reference
+from papo_kernels.loss import naive_policy_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
@@ -39,7 +39,7 @@ def test_gpu_check_quick_path(tmp_path):
     summary = json.loads((cpu / "gpu_check.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
     assert status == {"install": "ok", "env": "ok", "floors": "ok", "tests": "skipped: no CUDA", "report": "ok",
-                      **dict.fromkeys(BENCHMARKS, "ok")}  # fmt: skip
+                      "fused_linear_profile": "ok", **dict.fromkeys(BENCHMARKS, "ok")}  # fmt: skip
     for name in BENCHMARKS:
         rows = json.loads((cpu / f"{name}.json").read_text())["rows"]
         assert rows and all(r["status"] == "ok" for r in rows), rows
@@ -100,7 +100,7 @@ def test_logits_reference_is_the_exact_loss_and_gradient(pad):
     mask[:, T - pad :] = 0
     leaf = x.clone().requires_grad_()
     for config in (CONFIG, without_entropy_bonus(CONFIG)):
-        loss = policy_loss_reference(leaf, ids, mask, adv, ref_logps=ref, config=config).loss
+        loss = naive_policy_loss(leaf, ids, mask, adv, ref_logps=ref, config=config).loss
         (grad,) = torch.autograd.grad(loss, leaf)
         exact = LogitsReference(x.float(), ids, mask, adv, ref_logps=ref, chunk_rows=4)
         parity = exact.parity(loss, grad, config)
@@ -115,7 +115,7 @@ def test_linear_reference_is_the_exact_loss_and_gradients():
     ids, adv = torch.randint(0, V, (B, T), generator=g), torch.randn(B, generator=g)
     ref, mask = -torch.rand(B, T, generator=g), torch.ones(B, T, dtype=torch.int64)
     hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
-    loss = policy_loss_reference(hd @ wd.t(), ids, mask, adv, ref_logps=ref, config=CONFIG).loss
+    loss = naive_policy_loss(hd @ wd.t(), ids, mask, adv, ref_logps=ref, config=CONFIG).loss
     expected = (loss, *torch.autograd.grad(loss, (hd, wd)))
     got = linear_reference(h, w, ids, mask, adv, CONFIG, ref_logps=ref, chunk_rows=5)
     for a, b in zip(got, expected, strict=True):
@@ -215,3 +215,49 @@ def test_judge_benchmark_smoke(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "cpu" / "judge.json").read_text())["rows"]
     assert [r["concurrency"] for r in rows] == [1, 16, 64] and all(r["requests_per_s"] > 0 for r in rows)
+
+
+def _x(cat, name, ts, dur, tid=1, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "args": args}
+
+
+def test_fused_linear_timeline_roles_and_gaps(monkeypatch):
+    """The profile stage's reading of a chrome trace: each device event's role from the op that launched it (the
+    GEMM from its shapes), the time in each role, and the gaps left by the busy intervals of every stream."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_fused_linear as bench
+
+    C, D, V = 3, 4, 10
+    trace = {"traceEvents": [
+        _x("cpu_op", "aten::mm", 0, 10, **{"Input Dims": [[C, D], [D, V], [C, V]]}),
+        _x("cuda_runtime", "cudaLaunchKernel", 2, 1, correlation=1),
+        _x("kernel", "sm90_xmma_gemm", 100, 50, tid=7, correlation=1, stream=7),
+        _x("cuda_driver", "cuLaunchKernelEx", 20, 1, correlation=2),
+        _x("kernel", "_rows", 140, 20, tid=8, correlation=2, stream=8),  # overlaps the GEMM on another stream
+        _x("cpu_op", "aten::mm", 30, 10, **{"Input Dims": [[C, V], [V, D], [], [C, D]]}),
+        _x("cuda_runtime", "cudaLaunchKernel", 31, 1, correlation=3),
+        _x("cuda_runtime", "cudaLaunchKernel", 33, 1, correlation=4),
+        _x("kernel", "gemm_split_k", 180, 10, tid=7, correlation=3, stream=7),
+        _x("kernel", "splitKreduce_kernel", 190, 5, tid=7, correlation=4, stream=7),
+        _x("cpu_op", "aten::addmm", 40, 10, **{"Input Dims": [[V, D], [V, C], [C, D], [], [V, D]]}),
+        _x("cuda_runtime", "cudaLaunchKernel", 41, 1, correlation=5),
+        _x("kernel", "gemm_acc", 200, 30, tid=7, correlation=5, stream=7),
+        _x("cpu_op", "aten::_local_scalar_dense", 50, 5),
+        _x("cuda_runtime", "cudaMemcpyAsync", 51, 1, correlation=6),
+        _x("gpu_memcpy", "Memcpy DtoH (Device -> Pageable)", 240, 2, tid=7, correlation=6, stream=7),
+        _x("cpu_op", "aten::to", 60, 9),
+        _x("cpu_op", "aten::copy_", 61, 5),
+        _x("cuda_runtime", "cudaLaunchKernel", 62, 1, correlation=7),
+        _x("kernel", "elementwise_kernel", 250, 5, tid=7, correlation=7, stream=7),
+    ]}  # fmt: skip
+    t = bench.timeline(trace, D, V)
+    roles = {role: (v["launches"], v["us"]) for role, v in t["by_role"].items()}
+    assert roles == {"G1 logits": (1, 50), "row kernel": (1, 20), "G2 grad_h": (2, 15), "G3 grad_W": (1, 30),
+                     "check": (1, 2), "aten::copy_": (1, 5)}  # fmt: skip
+    assert (t["launches"], t["window_us"], t["busy_us"], t["gap_us"], t["matmul_us"]) == (7, 155, 112, 43, 95)
+    assert all(k["reason"] for k in t["kernels"]) and t["timeline"][0]["start"] == 0
+    assert bench.matmul_role([[V, C], [C, D], [V, D]], D, V) == "G3 grad_W"
+    assert bench.profile_markdown([{**t, "method": "fused", "head": "h", "tokens": C, "chunks": [C], "floor_ms": 0.1,
+                                    "fraction_of_floor": 0.6}]).count("| G2 grad_h | 2 | 15 |") == 1  # fmt: skip
+    model = bench.model_markdown().splitlines()
+    assert len(model) == 2 + 3 * len(bench.HEADS) * len(bench.SWEEP)

@@ -3,6 +3,7 @@
 Torch and Triton only; the TRL integration lives in ``papo_trl``.
 """
 
+from ._runtime import kernels_available
 from .advantages import (
     GroupAdvantages,
     PAPOAdvantages,
@@ -27,6 +28,7 @@ __all__ = [
     "fused_linear_policy_loss",
     "gdpo_advantages",
     "grpo_advantages",
+    "kernels_available",
     "papo_advantages",
     "pass_rate_buckets",
     "policy_loss",

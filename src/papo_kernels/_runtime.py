@@ -13,9 +13,26 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Whether `t` is served by the Triton kernels (CUDA, or CPU under the interpreter)."""
-    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+def kernels_available(where: torch.Tensor | torch.device | str) -> bool:
+    """Whether the Triton kernels serve tensors on a device: CUDA, or the CPU when ``TRITON_INTERPRET=1`` was set
+    before ``papo_kernels`` was imported (Triton's interpreter). Elsewhere every function runs its torch reference.
+
+    Args:
+        where: a tensor, or a device (``torch.device`` or a string such as ``"cuda:0"``).
+
+    Returns:
+        ``True`` where ``papo_kernels`` launches its Triton kernels, ``False`` where it runs the torch reference.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import kernels_available
+        >>> kernels_available("cuda")
+        True
+        >>> kernels_available(torch.zeros(2)) == kernels_available("cpu")
+        True
+    """
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
 
 
 def next_pow2(n: int) -> int:

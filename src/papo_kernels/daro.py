@@ -1,4 +1,6 @@
-r"""DARO: learnable, positive loss weights per pass-rate bucket (Difficulty-Aware Reweighting Policy Optimization).
+r"""DARO's math: learnable, positive loss weights per pass-rate bucket (Difficulty-Aware Reweighting Policy
+Optimization), and the per-bucket sums they are fitted on. The trainer's side of DARO (the optimiser, the statistics
+of an optimiser step, their all-reduce, the checkpoint) is :mod:`papo_trl.daro_state`.
 
 A group of ``G`` responses with ``k`` correct ones has pass rate ``mu = k / G``. DARO keeps one weight ``w_mu > 0``
 per bucket ``0 < k < G`` (``mu = 0`` and ``mu = 1`` carry no GRPO signal and are left out, as DAPO filters them)
@@ -26,6 +28,30 @@ import torch
 from torch import nn
 
 from ._runtime import require
+from .advantages import pass_rate_buckets
+
+__all__ = ["DAROWeights", "bucket_loss_stats", "bucket_totals", "check_weight_bounds", "sequence_buckets"]
+
+
+def check_weight_bounds(init_weight, max_weight, prefix: str = "") -> None:
+    """Raise ``ValueError`` unless ``max_weight >= 1`` is finite and ``init_weight`` lies in ``[1 / max_weight,
+    max_weight]``; the message names the arguments with ``prefix`` (``PAPOConfig``'s ``daro_``)."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    require(
+        number(max_weight) and math.isfinite(max_weight) and max_weight >= 1,
+        f"`{prefix}max_weight` must be a finite float >= 1, got {max_weight!r}",
+    )
+    require(
+        number(init_weight) and 1 / max_weight <= init_weight <= max_weight,
+        f"`{prefix}init_weight` must lie in [1 / {prefix}max_weight, {prefix}max_weight] = [{1 / max_weight}, "
+        f"{max_weight}], got {init_weight!r}",
+    )
+
+
+def bucket_totals(values: torch.Tensor, buckets: torch.Tensor, G: int, dtype=torch.float64) -> torch.Tensor:
+    """``[G + 1]`` in ``dtype``: the sum of ``values`` (detached) over the entries of each bucket ``k = 0..G``."""
+    totals = torch.zeros(G + 1, dtype=dtype, device=values.device)
+    return totals.index_add_(0, buckets.long().clamp(0, G), values.detach().to(dtype))
 
 
 def bucket_loss_stats(
@@ -39,12 +65,14 @@ def bucket_loss_stats(
     require(sequence_loss.shape == sequence_tokens.shape == buckets.shape, "`sequence_loss`, `sequence_tokens` and "
             f"`buckets` must have the same shape [B], got {tuple(sequence_loss.shape)}, "
             f"{tuple(sequence_tokens.shape)}, {tuple(buckets.shape)}")  # fmt: skip
-    idx = buckets.long().clamp(0, G)
-    loss = torch.zeros(G + 1, dtype=torch.float64, device=sequence_loss.device)
-    tokens = torch.zeros_like(loss)
-    loss.index_add_(0, idx, sequence_loss.detach().double())
-    tokens.index_add_(0, idx, sequence_tokens.detach().double())
-    return loss, tokens
+    return bucket_totals(sequence_loss, buckets, G), bucket_totals(sequence_tokens, buckets, G)
+
+
+def sequence_buckets(correct: torch.Tensor, sequence_tokens: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence of a group-contiguous batch: its group's bucket ``k`` (number of correct responses) and that
+    bucket's token count ``T_k`` over the batch (fp32), the inputs of :meth:`DAROWeights.sequence_scale`."""
+    buckets = pass_rate_buckets(correct, G).repeat_interleave(G)
+    return buckets, bucket_totals(sequence_tokens.float(), buckets, G, torch.float32)[buckets]
 
 
 class DAROWeights(nn.Module):
@@ -53,7 +81,31 @@ class DAROWeights(nn.Module):
     ``forward(bucket_loss, bucket_tokens)`` is the weights' objective ``sum_k (w_k |L_k| - ln w_k)`` over the
     buckets present (``bucket_tokens[k] > 0``), with ``L_k = bucket_loss[k] / bucket_tokens[k]`` (detached);
     minimise it with any optimiser, then call :meth:`clamp_`. :meth:`bucket_weights` gives the detached weights
-    indexed by ``k = 0..G`` (zero at ``k = 0`` and ``k = G``) for the policy loss.
+    indexed by ``k = 0..G`` (zero at ``k = 0`` and ``k = G``) for the policy loss, :meth:`sequence_scale` the
+    per-sequence loss weights ``w_k / T_k``.
+
+    Args:
+        num_generations: the group size ``G`` (at least 2).
+        init_weight: the initial value of every ``w_k``, in ``[1 / max_weight, max_weight]``.
+        max_weight: the weights stay in ``[1 / max_weight, max_weight]`` (finite, at least 1).
+
+    Returns:
+        An ``nn.Module`` whose parameter is ``log_weights[G - 1]``; calling it returns the objective (a scalar).
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import DAROWeights
+        >>> daro = DAROWeights(num_generations=4)
+        >>> loss = torch.tensor([0.0, 2.0, 0.0, 0.5, 0.0])  # per-bucket loss sums, k = 0..4 (bucket 2 absent)
+        >>> tokens = torch.tensor([0.0, 4.0, 0.0, 2.0, 0.0])  # and token counts
+        >>> objective = daro(loss, tokens)
+        >>> objective
+        tensor(0.7500, grad_fn=<SumBackward0>)
+        >>> objective.backward()
+        >>> torch.optim.SGD(daro.parameters(), lr=0.1).step()
+        >>> daro.clamp_()
+        >>> daro.bucket_weights()  # |L_1| = 0.5 < 1 raises w_1, |L_3| = 0.25 raises w_3 more
+        tensor([0.0000, 1.0513, 1.0000, 1.0779, 0.0000])
     """
 
     def __init__(self, num_generations: int, init_weight: float = 1.0, max_weight: float = 100.0):
@@ -62,15 +114,7 @@ class DAROWeights(nn.Module):
             isinstance(num_generations, int) and num_generations >= 2,
             f"`num_generations` must be an integer >= 2, got {num_generations!r}",
         )
-        require(
-            isinstance(max_weight, (int, float)) and math.isfinite(max_weight) and max_weight >= 1,
-            f"`max_weight` must be a finite float >= 1, got {max_weight!r}",
-        )
-        require(
-            isinstance(init_weight, (int, float)) and 1 / max_weight <= init_weight <= max_weight,
-            f"`init_weight` must lie in [1 / max_weight, max_weight] = [{1 / max_weight}, {max_weight}], "
-            f"got {init_weight!r}",
-        )
+        check_weight_bounds(init_weight, max_weight)
         self.num_generations = num_generations
         self.max_weight = float(max_weight)
         self.log_weights = nn.Parameter(torch.full((num_generations - 1,), math.log(init_weight), dtype=torch.float32))

@@ -1,6 +1,16 @@
-"""papo_trl: PAPO / GDPO / DAPO / DARO on top of TRL's GRPOTrainer (imports trl, transformers, openai)."""
+"""papo_trl: PAPO / GDPO / DAPO / DARO on top of TRL's GRPOTrainer (imports trl, transformers, openai).
 
-from .config import PAPOConfig
-from .trainer import PAPOTrainer
+``PAPOConfig`` and ``PAPOTrainer`` are imported on first use, so ``papo-train`` can check its arguments before
+the heavy imports.
+"""
+
+import importlib
 
 __all__ = ["PAPOConfig", "PAPOTrainer"]
+_HOMES = {"PAPOConfig": ".config", "PAPOTrainer": ".trainer"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

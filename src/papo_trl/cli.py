@@ -2,14 +2,18 @@
 
 Usage::
 
-    papo-train                                   # the embedded demo (PAPO), about five minutes on 2 CPU cores
+    papo-train                                   # the embedded demo (PAPO) on the CPU
     papo-train demo [--quick] [--compare] [--method papo|grpo|prm_only] [--seed 0] [--output_dir papo_demo]
     papo-train --config examples/papo_qwen2.5_7b.yaml [--learning_rate 2e-6 ...]
     accelerate launch --config_file zero3.yaml -m papo_trl.cli --config examples/papo_qwen2.5_7b.yaml
 
-The real run parses, in TRL's style (``trl.TrlParser``: YAML values become defaults, flags override them),
+The real run parses, in TRL's style (YAML values become defaults, flags override them),
 :class:`PAPOScriptArguments` (dataset, reward functions, judge), :class:`~papo_trl.PAPOConfig` (every field) and
 TRL's ``ModelConfig`` (model id, dtype, attention, PEFT). An optional leading ``train`` is accepted.
+
+Bad input (an unknown option, a missing or invalid recipe, an out-of-range number, a missing model, a judge that
+does not answer) ends the command before any training with one line on stderr and exit status 2 (see
+:mod:`.startup`); ``--debug`` or ``PAPO_DEBUG=1`` shows the traceback instead. Errors during training keep theirs.
 """
 
 from __future__ import annotations
@@ -19,9 +23,24 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from .demo.run import METHODS, QUICK_ENV
+from .demo import METHODS, QUICK_ENV
+from .startup import (
+    DEBUG_ENV,
+    UsageError,
+    adapt_to_machine,
+    check_judge,
+    check_model,
+    cpu_notice,
+    debug_requested,
+    load_recipe,
+    parse_dataclasses,
+    split_argv,
+    strip_debug,
+    user_input,
+)
 
-__all__ = ["DemoArguments", "PAPOScriptArguments", "build_reward_funcs", "main", "make_parser", "parse_demo_args"]
+__all__ = ["DemoArguments", "PAPOScriptArguments", "build_reward_funcs", "main", "make_parser", "parse_demo_args",
+           "parse_train_args"]  # fmt: skip
 
 OUTCOME_REWARDS = ("math_accuracy_reward", "exact_answer_reward", "soft_overlong_punishment")
 PROCESS_REWARDS = ("rubric_judge", "step_checker_reward")
@@ -46,6 +65,12 @@ class DemoArguments:
         default=None, metadata={"help": "torch CPU threads; unset: torch's choice (1 with --compare)."}
     )
 
+    def __post_init__(self):
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"`num_threads` must be an integer >= 1, got {self.num_threads}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"`seed` must be an integer in [0, 2**32), got {self.seed}")
+
 
 @dataclass
 class PAPOScriptArguments:
@@ -68,8 +93,9 @@ class PAPOScriptArguments:
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["math_accuracy_reward"],
-        metadata={"help": f"Outcome reward functions: {', '.join(OUTCOME_REWARDS)} or a dotted import path."},
-    )
+        metadata={"help": f"Outcome reward functions: {', '.join(OUTCOME_REWARDS + PROCESS_REWARDS)} (PRM-only "
+                          f"runs) or a dotted import path; the one at correctness_reward_index decides correctness."},
+    )  # fmt: skip
     process_reward_funcs: list[str] = field(
         default_factory=lambda: ["rubric_judge"],
         metadata={"help": f"Process reward functions: {', '.join(PROCESS_REWARDS)}, a dotted path, or 'none'."},
@@ -90,6 +116,48 @@ class PAPOScriptArguments:
     judge_reasoning_effort: str | None = field(
         default=None, metadata={"help": "gpt-oss reasoning effort (low, medium, high) where the server supports it."}
     )
+    judge_probe_timeout: float = field(
+        default=5.0, metadata={"help": "Seconds the judge has to answer at start-up (GET /models); 0: no check."}
+    )
+
+    def __post_init__(self):
+        for name in ("reward_funcs", "process_reward_funcs"):  # a YAML scalar where a list was meant
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        lowest = {"soft_punish_cache": 0, "judge_max_retries": 0, "judge_probe_timeout": 0, "judge_max_concurrency": 1,
+                  "judge_max_tokens": 1}  # fmt: skip
+        for name, low in lowest.items():
+            if getattr(self, name) is not None and not getattr(self, name) >= low:
+                raise ValueError(f"`{name}` must be >= {low}, got {getattr(self, name)}")
+        for name in ("judge_timeout", "judge_batch_deadline"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0 seconds, got {getattr(self, name)}")
+
+
+USAGE = """papo-train [train] [--config RECIPE.yaml] [--debug] [--OPTION VALUE ...]
+       papo-train [demo [--quick] [--compare] [--method {papo,grpo,prm_only}] ...]   (papo-train demo --help)"""
+EPILOG = (
+    "Bad input ends the command with one line on stderr and exit status 2; --debug (or PAPO_DEBUG=1) shows the "
+    "traceback. Without a CUDA GPU, options not given on the command line default to --use_cpu true --bf16 false "
+    "--use_vllm false."
+)
+
+
+DEBUG_HELP = f"Bare --debug: show the traceback of a bad-input error (also: {DEBUG_ENV}=1)."
+
+
+def _add_common_flags(parser) -> None:
+    """``--config`` and a bare ``--debug`` in the help (``main`` takes both out of argv before parsing)."""
+    import argparse
+
+    group = parser.add_argument_group("papo-train")
+    group.add_argument("--config", metavar="RECIPE.yaml", default=argparse.SUPPRESS,
+                       help="YAML recipe: its values become the defaults, flags override them.")  # fmt: skip
+    debug = parser._option_string_actions.get("--debug")  # TrainingArguments has one: it takes a value
+    if debug is None:
+        group.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    else:
+        debug.help = f"{DEBUG_HELP} With a value, transformers' debug features: {debug.help}"
 
 
 def make_parser():
@@ -102,23 +170,51 @@ def make_parser():
         "Train with PAPOTrainer from a YAML recipe (--config) plus flag overrides. Run `papo-train` without "
         "arguments, or `papo-train demo --help`, for the embedded CPU demo."
     )
-    return TrlParser((PAPOScriptArguments, PAPOConfig, ModelConfig), prog="papo-train", description=description)
+    parser = TrlParser((PAPOScriptArguments, PAPOConfig, ModelConfig), prog="papo-train", usage=USAGE,
+                       description=description, epilog=EPILOG)  # fmt: skip
+    _add_common_flags(parser)
+    return parser
 
 
 def parse_demo_args(argv: list[str]) -> DemoArguments:
-    """Parse ``papo-train demo`` flags (a ``--config`` YAML works here too)."""
-    from trl import TrlParser
+    """Parse ``papo-train demo`` flags (a ``--config`` YAML works here too); bad input raises ``UsageError``."""
+    from transformers import HfArgumentParser
 
-    (args,) = TrlParser((DemoArguments,), prog="papo-train demo").parse_args_and_config(argv)
+    argv, config = split_argv(argv)
+    parser = HfArgumentParser((DemoArguments,), prog="papo-train demo", epilog=EPILOG.split(";")[0] + ".")
+    _add_common_flags(parser)
+    (args,) = parse_dataclasses(parser, argv, load_recipe(config), config)
     return args
+
+
+def parse_train_args(argv: list[str], notices: list[str] | None = None):
+    """``(PAPOScriptArguments, PAPOConfig, ModelConfig)`` of a real run; bad input raises ``UsageError``.
+
+    Without a CUDA GPU, the options not given on the command line switch to CPU training (see
+    :func:`~papo_trl.startup.adapt_to_machine`); ``notices`` receives the line that says so."""
+    argv, config = split_argv(argv)
+    recipe = load_recipe(config)
+    changed: list[str] = []
+
+    def adapt(namespace, explicit: set[str]) -> None:
+        changed.extend(adapt_to_machine(namespace, explicit))
+
+    parsed = parse_dataclasses(make_parser(), argv, recipe, config, adapt=adapt)
+    if changed and notices is not None:
+        notices.append(cpu_notice(changed))
+    return parsed
 
 
 def _import(path: str):
     module, _, name = path.rpartition(".")
+    known = ", ".join(OUTCOME_REWARDS + PROCESS_REWARDS)
     if not module:
-        raise ValueError(f"reward function {path!r}: expected a known name or a dotted import path")
+        raise ValueError(f"reward function {path!r}: expected a known name ({known}) or a dotted import path")
     sys.path.insert(0, os.getcwd())
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward function {path!r}: cannot import it ({err})") from err
 
 
 def build_reward_funcs(names: list[str], script_args: PAPOScriptArguments, training_args) -> list:
@@ -158,26 +254,35 @@ def build_reward_funcs(names: list[str], script_args: PAPOScriptArguments, train
 
 
 def load_training_data(script_args: PAPOScriptArguments, seed: int = 0):
-    """``(train, eval or None)`` with ``prompt`` and ``solution`` columns (and the original ones)."""
+    """``(train, eval or None)`` with ``prompt`` and ``solution`` columns (and the original ones); a dataset that
+    cannot be found or read raises ``UsageError``."""
     import datasets
 
     name = script_args.dataset_name
+    expected = "a hub id, a local dataset directory, a .json/.jsonl/.parquet/.csv file or 'papo-demo'"
     if not name:
-        raise ValueError("dataset_name: expected a hub id, a local dataset path or 'papo-demo', got nothing")
-    if name == DEMO_DATASET:
-        from .demo.run import FULL
-        from .demo.task import make_splits
+        raise UsageError(f"--dataset_name: expected {expected}, got nothing")
+    kind = name.rsplit(".", 1)[-1].lower()
+    if not os.path.exists(name) and (kind in ("json", "jsonl", "parquet", "csv") or name.startswith((".", "/", "~"))):
+        raise UsageError(f"--dataset_name: no file or directory {name!r} (expected {expected})")
+    with user_input("--dataset_name", ValueError, OSError, ConnectionError):
+        if name == DEMO_DATASET:
+            from .demo.run import FULL
+            from .demo.task import make_splits
 
-        splits = make_splits(1, FULL.n_rl, FULL.n_eval, seed, FULL.task)
-        data = datasets.DatasetDict(train=splits["rl"], test=splits["eval"])
-        data = data.rename_column("completion", "reference_solution")  # what the rubric judge reads
-    elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
-        data = datasets.load_from_disk(name)
-    elif os.path.isfile(name):
-        kind = {"jsonl": "json"}.get(name.rsplit(".", 1)[-1], name.rsplit(".", 1)[-1])
-        data = datasets.load_dataset(kind, data_files=name)
-    else:
-        data = datasets.load_dataset(name, name=script_args.dataset_config)
+            splits = make_splits(1, FULL.n_rl, FULL.n_eval, seed, FULL.task)
+            data = datasets.DatasetDict(train=splits["rl"], test=splits["eval"])
+            data = data.rename_column("completion", "reference_solution")  # what the rubric judge reads
+        elif os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+            data = datasets.load_from_disk(name)
+        elif os.path.isfile(name):
+            data = datasets.load_dataset({"jsonl": "json"}.get(kind, kind), data_files=name)
+        else:
+            data = datasets.load_dataset(name, name=script_args.dataset_config)
+    for option in ("dataset_train_split", "dataset_test_split"):
+        split = getattr(script_args, option)
+        if split is not None and split not in data:
+            raise UsageError(f"--{option}: the dataset has no split {split!r} (splits: {', '.join(data)})")
     data = data.map(_standardise(script_args), desc="Formatting prompts")
     test = script_args.dataset_test_split
     return data[script_args.dataset_train_split], (data[test] if test else None)
@@ -188,7 +293,7 @@ def _standardise(script_args: PAPOScriptArguments):
 
     def fn(row):
         if prompt_col not in row:
-            raise ValueError(f"prompt_column: the dataset has no column {prompt_col!r} (columns: {sorted(row)})")
+            raise UsageError(f"--prompt_column: the dataset has no column {prompt_col!r} (columns: {sorted(row)})")
         prompt = row[prompt_col]
         if system is not None and isinstance(prompt, str):
             prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
@@ -200,8 +305,13 @@ def _standardise(script_args: PAPOScriptArguments):
     return fn
 
 
-def train(script_args: PAPOScriptArguments, training_args, model_args) -> int:
-    """A real PAPO run: load data and model, build the rewards, train, save. Returns the exit status."""
+def uses_judge(script_args: PAPOScriptArguments) -> bool:
+    return "rubric_judge" in script_args.reward_funcs + script_args.process_reward_funcs
+
+
+def train(script_args: PAPOScriptArguments, training_args, model_args, notices: tuple[str, ...] = ()) -> int:
+    """A real PAPO run: check the model, rewards, judge and data (``UsageError`` on bad input), print
+    ``notices``, then build the trainer, train and save. Returns the exit status."""
     from trl import get_peft_config
 
     from .trainer import PAPOTrainer
@@ -211,13 +321,18 @@ def train(script_args: PAPOScriptArguments, training_args, model_args) -> int:
         "attn_implementation": model_args.attn_implementation, "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }  # fmt: skip
-    if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path: expected a hub id or a local model directory, got nothing")
+    check_model(model_args.model_name_or_path, model_args.model_revision, training_args.trust_remote_code)
+    with user_input("--reward_funcs"):
+        reward_funcs = build_reward_funcs(script_args.reward_funcs, script_args, training_args)
+    with user_input("--process_reward_funcs"):
+        process_reward_funcs = build_reward_funcs(script_args.process_reward_funcs, script_args, training_args)
+    if uses_judge(script_args):
+        check_judge(script_args.judge_base_url, script_args.judge_probe_timeout)
     train_set, eval_set = load_training_data(script_args, training_args.seed)
+    for notice in notices:
+        print(notice, file=sys.stderr)
     trainer = PAPOTrainer(
-        model=model_args.model_name_or_path,
-        reward_funcs=build_reward_funcs(script_args.reward_funcs, script_args, training_args),
-        process_reward_funcs=build_reward_funcs(script_args.process_reward_funcs, script_args, training_args),
+        model=model_args.model_name_or_path, reward_funcs=reward_funcs, process_reward_funcs=process_reward_funcs,
         args=training_args, train_dataset=train_set, eval_dataset=eval_set, peft_config=get_peft_config(model_args),
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -249,14 +364,20 @@ def run_demo_command(args: DemoArguments) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``papo-train`` (and ``python -m papo_trl.cli``)."""
+    """Entry point of ``papo-train`` (and ``python -m papo_trl.cli``): the exit status (2: bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] == "demo":
-        return run_demo_command(parse_demo_args(argv[1:]))
-    if argv[0] == "train":
-        argv = argv[1:]
-    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
-    return train(script_args, training_args, model_args)
+    words = strip_debug(argv)
+    try:
+        if not words or words[0] == "demo":
+            return run_demo_command(parse_demo_args(words[1:]))
+        notices = []
+        parsed = parse_train_args(words[1:] if words[0] == "train" else words, notices)
+        return train(*parsed, notices=tuple(notices))
+    except UsageError as err:
+        if debug_requested(argv):
+            raise
+        print(f"papo-train: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,30 +9,42 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from papo_kernels.daro import check_weight_bounds
+from papo_kernels.loss import LOSS_TYPES
+
 AUTO = "auto"
 ADVANTAGE_ESTIMATORS = (AUTO, "papo", "papo_fullnorm", "grpo", "dr_grpo", "gdpo", "daro")
 PROCESS_ESTIMATORS = ("papo", "papo_fullnorm")
-KERNEL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 
 def unsupported_loss_options(args) -> list[str]:
     """The options of `args` that the ``papo_kernels`` policy loss does not implement (TRL's loss does): it covers
     every option of TRL 1.16's ``_compute_loss`` (``vespo``, ``top_entropy_quantile``, ``off_policy_mask_threshold``
     and ``use_adaptive_entropy`` included), so only a loss type it does not know."""
-    return ["loss_type"] if args.loss_type not in KERNEL_LOSS_TYPES else []
+    return ["loss_type"] if args.loss_type not in LOSS_TYPES else []
 
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_ranges(args) -> None:
+    """Reject the out-of-range numbers that TRL would take silently (or fail on much later)."""
+    for name in ("learning_rate", "lambda_process", "beta", "epsilon"):
+        if not (_finite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ValueError(f"`{name}` must be a finite number >= 0, got {getattr(args, name)!r}")
+    if args.epsilon_high is not None and not (_finite(args.epsilon_high) and args.epsilon_high >= args.epsilon):
+        raise ValueError(f"`epsilon_high` must be >= `epsilon` ({args.epsilon}), got {args.epsilon_high!r}")
+
+
 @dataclass
 class PAPOConfig(GRPOConfig):
     r"""
-    Configuration class for [`PAPOTrainer`]: every [`~trl.GRPOConfig`] parameter keeps its meaning and default,
-    and the parameters below are added.
+    Configuration class for [`PAPOTrainer`]: every [`~trl.GRPOConfig`] parameter keeps its meaning and default
+    (TRL's class is where they are defined, the loss options `epsilon`, `epsilon_high`, `beta`, `loss_type`, ...
+    included), and the parameters below are added.
 
-    Parameters:
+    Args:
         > Parameters that control the advantages
 
         advantage_estimator (`str`, *optional*, defaults to `"auto"`):
@@ -108,6 +120,20 @@ class PAPOConfig(GRPOConfig):
             Initial value of every DARO weight `w_mu`.
         daro_max_weight (`float`, *optional*, defaults to `100.0`):
             DARO weights are kept in `[1 / daro_max_weight, daro_max_weight]`.
+
+    Returns:
+        A checked configuration; out-of-range values raise `ValueError` naming the parameter, and an estimator's
+        TRL options are set (`"dr_grpo"`: `scale_rewards="none"`; `"gdpo"`: `normalize_then_sum`).
+
+    Examples:
+        >>> from papo_trl import PAPOConfig
+        >>> args = PAPOConfig(output_dir="out", advantage_estimator="dr_grpo", bf16=False)
+        >>> args.scale_rewards, args.epsilon, args.lambda_process
+        ('none', 0.2, 1.0)
+        >>> PAPOConfig(output_dir="out", lambda_process=float("nan"), bf16=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: `lambda_process` must be a finite number >= 0, got nan
     """
 
     advantage_estimator: str = field(
@@ -157,6 +183,7 @@ class PAPOConfig(GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        _check_ranges(self)
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             raise ValueError(
                 f"`advantage_estimator` must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; "
@@ -180,15 +207,9 @@ class PAPOConfig(GRPOConfig):
         mgb = self.max_generation_batches
         if not isinstance(mgb, int) or isinstance(mgb, bool) or mgb < 1:
             raise ValueError(f"`max_generation_batches` must be an integer >= 1, got {mgb!r}")
-        for name in ("daro_learning_rate", "daro_init_weight"):
-            if not (_finite(getattr(self, name)) and getattr(self, name) > 0):
-                raise ValueError(f"`{name}` must be a finite float > 0, got {getattr(self, name)!r}")
-        if not (_finite(self.daro_max_weight) and self.daro_max_weight >= 1):
-            raise ValueError(f"`daro_max_weight` must be a finite float >= 1, got {self.daro_max_weight!r}")
-        if not 1 / self.daro_max_weight <= self.daro_init_weight <= self.daro_max_weight:
-            raise ValueError(
-                f"`daro_init_weight` ({self.daro_init_weight}) must lie in [1 / daro_max_weight, daro_max_weight]"
-            )
+        if not (_finite(self.daro_learning_rate) and self.daro_learning_rate > 0):
+            raise ValueError(f"`daro_learning_rate` must be a finite float > 0, got {self.daro_learning_rate!r}")
+        check_weight_bounds(self.daro_init_weight, self.daro_max_weight, prefix="daro_")
         self._check_estimator_options()
 
     def _check_estimator_options(self) -> None:
@@ -210,7 +231,7 @@ class PAPOConfig(GRPOConfig):
             name = unsupported[0]
             raise ValueError(
                 f"`advantage_estimator='daro'` computes its loss with papo_kernels, which does not support "
-                f"`{name}={getattr(self, name)!r}` (loss types: {', '.join(KERNEL_LOSS_TYPES)})"
+                f"`{name}={getattr(self, name)!r}` (loss types: {', '.join(LOSS_TYPES)})"
             )
 
 

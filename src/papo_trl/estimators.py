@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from papo_kernels import gdpo_advantages, grpo_advantages, papo_advantages
+from papo_kernels.advantages import GRPO_EPS, PAPO_EPS, weighted_nansum
 
-PAPO_EPS = 1e-6  # the official PAPO code
-TRL_EPS = 1e-4  # TRL's GRPO / GDPO
+from .config import PROCESS_ESTIMATORS
 
 
 @dataclass
@@ -28,12 +28,6 @@ class Advantages:
     process: torch.Tensor | None = None
     process_active: torch.Tensor | None = None
     error: torch.Tensor | None = None
-
-
-def weighted_nansum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_k w_k r_k`` over the non-NaN columns of ``rewards[N, K]``; NaN where every column is NaN."""
-    total = (rewards * weights.to(rewards)).nansum(dim=1)
-    return total.masked_fill(torch.isnan(rewards).all(dim=1), float("nan"))
 
 
 def fill_unscorable(outcome: torch.Tensor, G: int) -> torch.Tensor:
@@ -53,7 +47,7 @@ def correctness(
 
 def uses_process(estimator: str, has_process: bool) -> bool:
     """Whether the process reward enters the advantage (PAPO, and Dr. GRPO's PAPO variant)."""
-    return estimator in ("papo", "papo_fullnorm") or (estimator == "dr_grpo" and has_process)
+    return estimator in PROCESS_ESTIMATORS or (estimator == "dr_grpo" and has_process)
 
 
 def compute_advantages(
@@ -104,7 +98,7 @@ def compute_advantages(
             process_active=out.process_active,
             error=out.error,
         )
-    eps = TRL_EPS if eps is None else eps
+    eps = GRPO_EPS if eps is None else eps
     if estimator == "gdpo" or multi_objective_aggregation == "normalize_then_sum":
         out = gdpo_advantages(rewards_per_func, G, weights=weights, eps=eps, validate=False)
     else:

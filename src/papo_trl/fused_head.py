@@ -54,6 +54,7 @@ class PolicyLossInputs:
     sampling_logps: torch.Tensor | None = None
     num_items_in_batch: torch.Tensor | float | None = None
     sequence_scale: torch.Tensor | None = None
+    grad_scale: float = 1.0  # the upstream gradient the loss will get (1 / accumulation steps): a free backward
 
     def loss_kwargs(self) -> dict:
         skip = ("completion_ids", "completion_mask", "advantages")

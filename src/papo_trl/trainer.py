@@ -19,7 +19,7 @@ from accelerate.utils import gather, is_peft_model
 from datasets import IterableDataset
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
-from trl.extras.profiling import profiling_context
+from trl.extras.profiling import profiling_context, profiling_decorator
 from trl.trainer.utils import (
     get_callable_name,
     is_async_callable,
@@ -29,16 +29,15 @@ from trl.trainer.utils import (
     start_event_loop_in_daemon,
 )
 
-from papo_kernels import dynamic_sampling_mask
-from papo_kernels._runtime import use_triton
-from papo_kernels.advantages import check_error
+from papo_kernels import dynamic_sampling_mask, kernels_available
+from papo_kernels.advantages import check_error, weighted_nansum
 from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logps
 
 from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
-from .daro import DAROController
+from .daro_state import DAROState
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters, signal_metrics
 from .entropy_control import loss_config_for_step, update_entropy_control
-from .estimators import compute_advantages, correctness, fill_unscorable, weighted_nansum
+from .estimators import compute_advantages, correctness, fill_unscorable
 from .fused_head import PolicyLossInputs, add_fused_policy_loss_head
 from .process_rewards import check_process_reward_funcs, score_process_rewards
 from .sampling import PromptStream, assemble_rounds, check_row_keys
@@ -57,16 +56,51 @@ class PAPOTrainer(GRPOTrainer):
     """[`~trl.GRPOTrainer`] with decoupled process-aware advantages (PAPO), GDPO, Dr. GRPO, DARO and DAPO dynamic
     sampling; see [`PAPOConfig`].
 
-    Accepts every argument of [`~trl.GRPOTrainer`], plus:
+    Without process functions (and with the default `advantage_estimator="auto"`, or `"grpo"`) and without dynamic
+    sampling it trains exactly as [`~trl.GRPOTrainer`]: TRL's advantages, the same metric names and values (PAPO's
+    `papo/*` diagnostics are logged only when a PAPO option is used), the same loss (fused or TRL's own).
 
+    Its steps are timed with TRL's profiling contexts, reported as `profiling/Time taken: PAPOTrainer.<step>` where
+    `report_to` names W&B, MLflow or Trackio: `compute_loss` (the loss, fused or not) and the reward functions as in
+    [`~trl.GRPOTrainer`], plus `_set_advantages`, `dynamic_sampling`, `process_rewards` and `daro_step` when those
+    PAPO options are on (a drop-in run times only what [`~trl.GRPOTrainer`] times).
+
+    Args:
+        model (`str | PreTrainedModel | PeftModel`):
+            The policy, as for [`~trl.GRPOTrainer`].
+        reward_funcs (`Callable | list[Callable]`):
+            The outcome reward functions, as for [`~trl.GRPOTrainer`]; `args.correctness_reward_index` picks the one
+            that decides correctness.
+        args ([`PAPOConfig`] or [`~trl.GRPOConfig`], *optional*):
+            The configuration (a `GRPOConfig` is taken as the same settings in a `PAPOConfig`).
         process_reward_funcs (`Callable | list[Callable]`, *optional*):
             Process reward functions (e.g. a rubric judge), with TRL's reward signature, sync or async. They are
             called after the outcome `reward_funcs`, only for the correct responses when
             `args.process_reward_on_correct_only`; a `None` score leaves the response out of the process statistics.
+        *trl_args, **trl_kwargs:
+            Every other argument of [`~trl.GRPOTrainer`] (`train_dataset`, `processing_class`, `peft_config`, ...).
 
-    Without process functions (and with the default `advantage_estimator="auto"`, or `"grpo"`) and without dynamic
-    sampling it trains exactly as [`~trl.GRPOTrainer`]: TRL's advantages, the same metric names and values (PAPO's
-    `papo/*` diagnostics are logged only when a PAPO option is used), the same loss (fused or TRL's own).
+    Returns:
+        A trainer: `train()` trains, `args.advantage_estimator` holds the resolved estimator.
+
+    Examples:
+        >>> import tempfile
+        >>> from datasets import Dataset
+        >>> from papo_trl import PAPOConfig, PAPOTrainer
+        >>> from papo_trl.demo.model import build_model, build_tokenizer  # a tiny model, built without downloads
+        >>> from papo_trl.rewards import exact_answer_reward, step_checker_reward
+        >>> tokenizer = build_tokenizer()
+        >>> args = PAPOConfig(tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4, use_cpu=True)
+        >>> trainer = PAPOTrainer(
+        ...     model=build_model(tokenizer),
+        ...     reward_funcs=exact_answer_reward,
+        ...     process_reward_funcs=step_checker_reward,
+        ...     args=args,
+        ...     train_dataset=Dataset.from_list([{"prompt": "2+3=", "answer": "5"}] * 4),
+        ...     processing_class=tokenizer,
+        ... )
+        >>> trainer.args.advantage_estimator  # "auto" with process reward functions
+        'papo'
     """
 
     _tag_names = ["trl", "grpo", "papo"]
@@ -107,7 +141,7 @@ class PAPOTrainer(GRPOTrainer):
             atexit.register(shutdown_event_loop_in_daemon, self.async_loop_thread, self.async_loop)
         self._daro = None
         if args.advantage_estimator == "daro":
-            self._daro = DAROController(
+            self._daro = DAROState(
                 self.num_generations,
                 learning_rate=args.daro_learning_rate,
                 init_weight=args.daro_init_weight,
@@ -127,8 +161,8 @@ class PAPOTrainer(GRPOTrainer):
             )
         self._loss_config = None if unsupported_loss_options(args) else PolicyLossConfig.from_trainer_args(args)
         # the fused linear-head loss where its kernels run (CUDA, or CPU under TRITON_INTERPRET) and the options allow
-        probe = torch.empty(0, device=self.accelerator.device)
-        self._fused_loss = bool(args.use_fused_loss and self._loss_config is not None and use_triton(probe))
+        kernels = kernels_available(self.accelerator.device)
+        self._fused_loss = bool(args.use_fused_loss and self._loss_config is not None and kernels)
         check_sharding(args, self.model, self.accelerator, fused_loss=self._fused_loss)
         if self._fused_loss:
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -212,9 +246,10 @@ class PAPOTrainer(GRPOTrainer):
                 break
             batch = self._prompt_stream.next_batch()
         if dynamic:
-            output, rewards_per_func, process, valid, origin = assemble_rounds(
-                self.accelerator, rounds, target, G, self._tokenizer.pad_token_id
-            )
+            with profiling_context(self, "dynamic_sampling"):
+                output, rewards_per_func, process, valid, origin = assemble_rounds(
+                    self.accelerator, rounds, target, G, self._tokenizer.pad_token_id
+                )
             self._log_dynamic_sampling(mode, len(rounds), kept, target)
             generated = sum(r[1].shape[0] for r in rounds)
             return self._set_advantages(output, rewards_per_func, process, G, mode, valid, origin, generated)
@@ -233,6 +268,7 @@ class PAPOTrainer(GRPOTrainer):
                 "only. Raise `max_generation_batches` or check that the rewards vary within groups."
             )
 
+    @profiling_decorator
     def _set_advantages(self, output, rewards_per_func, process, G, mode, valid=None, origin=None, generated=0):
         """Replace TRL's advantages by the estimator's (on the gathered rewards), log diagnostics, annotate DARO."""
         args = self.args
@@ -292,7 +328,7 @@ class PAPOTrainer(GRPOTrainer):
         if "daro_bucket" in inputs:
             scale = self._daro.sequence_scale(inputs["daro_bucket"], inputs["daro_bucket_tokens"], factor)
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / factor
-        output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items)
+        output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items, 1.0 / accumulation)
         update_entropy_control(self, output.entropy_stats, mode)
         loss = output.loss / accumulation
         if aux_loss is not None and self.aux_loss_enabled:
@@ -302,14 +338,17 @@ class PAPOTrainer(GRPOTrainer):
         if scale is not None and mode == "train":
             self._daro.accumulate(output.sequence_loss, mask.sum(dim=1), inputs["daro_bucket"])
             if self.accelerator.sync_gradients:
-                for key, value in self._daro.step(self.accelerator).items():
+                with profiling_context(self, "daro_step"):
+                    daro_metrics = self._daro.step(self.accelerator)
+                for key, value in daro_metrics.items():
                     self._metrics[mode][key].append(value)
         return loss
 
-    def _policy_loss(self, model, inputs, mask, sequence_scale, num_items_in_batch):
+    def _policy_loss(self, model, inputs, mask, sequence_scale, num_items_in_batch, grad_scale=1.0):
         """The policy loss of a micro-batch as a ``PolicyLossOutput`` (and the MoE aux loss): the fused linear-head
-        loss inside the model's forward (no logits materialised, gradients computed in the forward) when enabled,
-        else TRL's per-token log-probs (its chunked LM head) and ``papo_kernels.loss.loss_from_logps``."""
+        loss inside the model's forward (no logits materialised, gradients computed in the forward for the upstream
+        gradient ``grad_scale``) when enabled, else TRL's per-token log-probs (its chunked LM head) and
+        ``papo_kernels.loss.loss_from_logps``."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -325,7 +364,9 @@ class PAPOTrainer(GRPOTrainer):
         multimodal = {key: inputs.get(key) for key in MULTIMODAL_KEYS}
         config = loss_config_for_step(self, self._loss_config)
         if self._fused_loss and all(value is None for value in multimodal.values()):
-            loss_inputs = PolicyLossInputs(completion_ids, mask, inputs["advantages"], config, **loss_kwargs)
+            loss_inputs = PolicyLossInputs(
+                completion_ids, mask, inputs["advantages"], config, **loss_kwargs, grad_scale=grad_scale
+            )
             with self.accelerator.autocast():
                 out = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=loss_inputs)
             output = PolicyLossOutput(

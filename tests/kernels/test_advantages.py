@@ -13,7 +13,8 @@ from papo_kernels import (
     papo_advantages,
     pass_rate_buckets,
 )
-from papo_kernels.advantages import naive
+from papo_kernels.advantages import GRPO_EPS, PAPO_EPS
+from papo_kernels.advantages.naive import naive_gdpo_advantages, naive_grpo_advantages, naive_papo_advantages
 
 
 def _rewards(N, K, dtype, device, nan_frac=0.15, seed=0):
@@ -28,6 +29,7 @@ def _assert_tuple_close(a, b, **tol):
         torch.testing.assert_close(x.cpu(), y.cpu().to(x.dtype), equal_nan=True, **tol)
 
 
+PAPO_DEFAULTS = dict(lambda_process=1.0, eps=PAPO_EPS, scale_by_std=True, process_norm="correct")
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=2e-5, rtol=2e-5)}
 
 
@@ -41,10 +43,11 @@ def test_grpo_gdpo_match_reference(G, K, dtype, device):
     for scale in ("group", "batch", "none"):
         _assert_tuple_close(
             grpo_advantages(r, G, weights=w, scale=scale),
-            naive.grpo_advantages(r.cpu(), G, weights=w.cpu(), scale=scale),
+            naive_grpo_advantages(r.cpu(), G, weights=w.cpu(), scale=scale, eps=GRPO_EPS),
             **tol,
         )
-    _assert_tuple_close(gdpo_advantages(r, G, weights=w), naive.gdpo_advantages(r.cpu(), G, weights=w.cpu()), **tol)
+    ref = naive_gdpo_advantages(r.cpu(), G, weights=w.cpu(), eps=GRPO_EPS)
+    _assert_tuple_close(gdpo_advantages(r, G, weights=w), ref, **tol)
 
 
 @pytest.mark.parametrize("G", [1, 2, 5, 8, 16, 100])
@@ -59,31 +62,29 @@ def test_papo_matches_reference(G, scale_by_std, process_norm, dtype, device):
     process = torch.rand(N, generator=g, dtype=dtype).round(decimals=1)
     process[torch.rand(N, generator=g) < 0.1] = float("nan")
     correct = outcome > 0
-    args = dict(lambda_process=0.7, scale_by_std=scale_by_std, process_norm=process_norm)
+    args = dict(lambda_process=0.7, eps=PAPO_EPS, scale_by_std=scale_by_std, process_norm=process_norm)
     got = papo_advantages(outcome.to(device), process.to(device), correct.to(device), G, **args)
-    _assert_tuple_close(got, naive.papo_advantages(outcome, process, correct, G, **args), **TOL[dtype])
+    _assert_tuple_close(got, naive_papo_advantages(outcome, process, correct, G, **args), **TOL[dtype])
 
 
 def test_large_and_non_power_of_two_groups(device):
     for G in (1000, 1024):
         r = _rewards(2 * G, 2, torch.float32, device, seed=G)
-        _assert_tuple_close(
-            grpo_advantages(r, G, scale="batch"), naive.grpo_advantages(r.cpu(), G, scale="batch"), **TOL[torch.float32]
-        )
+        ref = naive_grpo_advantages(r.cpu(), G, weights=None, scale="batch", eps=GRPO_EPS)
+        _assert_tuple_close(grpo_advantages(r, G, scale="batch"), ref, **TOL[torch.float32])
         o = (r[:, 0].nan_to_num() > 0).float()
         got = papo_advantages(o, r[:, 1], o, G)
-        _assert_tuple_close(got, naive.papo_advantages(o.cpu(), r[:, 1].cpu(), o.cpu(), G), **TOL[torch.float32])
+        ref = naive_papo_advantages(o.cpu(), r[:, 1].cpu(), o.cpu(), G, **PAPO_DEFAULTS)
+        _assert_tuple_close(got, ref, **TOL[torch.float32])
 
 
 def test_sixteen_reward_columns(device):
     r = _rewards(8 * 5, 16, torch.float32, device, seed=16)
     w = torch.rand(16, generator=torch.Generator().manual_seed(0)).to(device)
-    _assert_tuple_close(
-        grpo_advantages(r, 8, weights=w), naive.grpo_advantages(r.cpu(), 8, weights=w.cpu()), **TOL[torch.float32]
-    )
-    _assert_tuple_close(
-        gdpo_advantages(r, 8, weights=w), naive.gdpo_advantages(r.cpu(), 8, weights=w.cpu()), **TOL[torch.float32]
-    )
+    ref = naive_grpo_advantages(r.cpu(), 8, weights=w.cpu(), scale="group", eps=GRPO_EPS)
+    _assert_tuple_close(grpo_advantages(r, 8, weights=w), ref, **TOL[torch.float32])
+    ref = naive_gdpo_advantages(r.cpu(), 8, weights=w.cpu(), eps=GRPO_EPS)
+    _assert_tuple_close(gdpo_advantages(r, 8, weights=w), ref, **TOL[torch.float32])
 
 
 def test_worked_example(device):
@@ -194,13 +195,18 @@ def test_empty_batch(device):
     assert papo_advantages(r, r, r, 4).total.numel() == 0
 
 
+# value errors (inf, NaN) raise at once with validate=True on every device; without it, CUDA defers them to
+# result.check() (test_advantages_hot_path.py)
 BAD = [
     (lambda d: grpo_advantages(torch.zeros(6, device=d), 4), "not a multiple of the group size"),
     (lambda d: grpo_advantages(torch.zeros(8, device=d), 0), "`G` must be a positive integer"),
     (lambda d: grpo_advantages(torch.zeros(8, device=d), -2), "`G` must be a positive integer"),
     (lambda d: grpo_advantages(torch.zeros(8, 2, 2, device=d), 4), "`rewards` must have 1 or 2 dims"),
     (lambda d: grpo_advantages(torch.zeros(8, dtype=torch.long, device=d), 4), "`rewards` must be a floating"),
-    (lambda d: grpo_advantages(torch.tensor([1.0, float("inf")], device=d), 2), "`rewards` contains +-inf"),
+    (
+        lambda d: grpo_advantages(torch.tensor([1.0, float("inf")], device=d), 2, validate=True),
+        "`rewards` contains +-inf",
+    ),
     (lambda d: grpo_advantages(torch.zeros(8, 2, device=d), 4, weights=torch.ones(3, device=d)), "`weights` has 3"),
     (lambda d: grpo_advantages(torch.zeros(8, device=d), 4, scale="prompt"), "`scale` must be"),
     (lambda d: gdpo_advantages(torch.zeros(8, device=d), 4, eps=-1.0), "`eps` must be"),
@@ -216,13 +222,21 @@ BAD = [
     ),
     (
         lambda d: papo_advantages(
-            torch.zeros(8, device=d), torch.zeros(8, device=d), torch.full((8,), float("nan"), device=d), 4
+            torch.zeros(8, device=d),
+            torch.zeros(8, device=d),
+            torch.full((8,), float("nan"), device=d),
+            4,
+            validate=True,
         ),
         "`correct` contains NaN",
     ),
     (
         lambda d: papo_advantages(
-            torch.full((8,), float("nan"), device=d), torch.zeros(8, device=d), torch.zeros(8, device=d), 4
+            torch.full((8,), float("nan"), device=d),
+            torch.zeros(8, device=d),
+            torch.zeros(8, device=d),
+            4,
+            validate=True,
         ),
         "`outcome` must be finite",
     ),
@@ -232,9 +246,15 @@ BAD = [
         ),
         "`process_norm` must be",
     ),
-    (lambda d: dynamic_sampling_mask(torch.tensor([1.0, float("nan")], device=d), 2), "`outcome` must be finite"),
+    (
+        lambda d: dynamic_sampling_mask(torch.tensor([1.0, float("nan")], device=d), 2, validate=True),
+        "`outcome` must be finite",
+    ),
     (lambda d: pass_rate_buckets(torch.zeros(6, device=d), 4), "not a multiple of the group size"),
-    (lambda d: pass_rate_buckets(torch.tensor([float("nan"), 1.0], device=d), 2), "`correct` contains NaN"),
+    (
+        lambda d: pass_rate_buckets(torch.tensor([float("nan"), 1.0], device=d), 2, validate=True),
+        "`correct` contains NaN",
+    ),
 ]
 
 
@@ -264,7 +284,7 @@ class _CountingKernel:
 
 
 def test_one_launch_per_call(monkeypatch, device):
-    from papo_kernels.advantages import triton as fused
+    from papo_kernels.advantages import fused
 
     counters = {}
     for name in ("_grpo_kernel", "_gdpo_kernel", "_papo_kernel", "_group_count_kernel"):

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from papo_kernels import dynamic_sampling_mask, gdpo_advantages, grpo_advantages, papo_advantages, pass_rate_buckets
-from papo_kernels.advantages import triton as fused
+from papo_kernels.advantages import fused
 from tests.kernels import _aot_compile
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA runs compile the kernels for real")
 
 NAMES = ("_grpo_kernel", "_gdpo_kernel", "_papo_kernel", "_group_count_kernel")
-KERNELS = {f"papo_kernels.advantages.triton:{n}": getattr(fused, n) for n in NAMES}
+KERNELS = {f"papo_kernels.advantages.fused:{n}": getattr(fused, n) for n in NAMES}
 
 
 def _run_cases():

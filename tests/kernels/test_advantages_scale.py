@@ -11,8 +11,7 @@ import torch
 
 from benchmarks.peers import trl_normalize_then_sum, trl_sum_then_normalize
 from papo_kernels import gdpo_advantages, grpo_advantages, papo_advantages
-from papo_kernels.advantages import naive
-from papo_kernels.advantages import triton as fused
+from papo_kernels.advantages import PAPO_EPS, fused, naive
 
 N = 262_144
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -63,6 +62,7 @@ def test_group_statistics_match_trl_at_G_1024(device):
     torch.testing.assert_close(gdpo.mean.cpu().double(), per_column.nanmean(dim=1), **TOL)
     torch.testing.assert_close(gdpo.std.cpu().double(), naive.nanstd(per_column, dim=1), **TOL)
     o, p = r[:, 0], r[:, 1]
-    ref = naive.papo_advantages(o.cpu(), p.cpu(), o.cpu() > 0, G)  # computed in fp64
+    defaults = dict(lambda_process=1.0, eps=PAPO_EPS, scale_by_std=True, process_norm="correct")
+    ref = naive.naive_papo_advantages(o.cpu(), p.cpu(), o.cpu() > 0, G, **defaults)  # computed in fp64
     for x, y in zip(papo_advantages(o, p, o > 0, G), ref, strict=True):
         torch.testing.assert_close(x.cpu(), y, equal_nan=True, **TOL)

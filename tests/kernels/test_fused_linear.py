@@ -1,5 +1,7 @@
 """``fused_linear_policy_loss`` against ``policy_loss`` on explicitly materialised logits and fp64 references:
-loss, metrics and the hidden, weight and bias gradients."""
+loss, metrics and the hidden, weight and bias gradients (the chunk schedule itself: test_fused_linear_design.py)."""
+
+import contextlib
 
 import pytest
 import torch
@@ -8,8 +10,7 @@ from hypothesis import strategies as st
 
 import papo_kernels
 from papo_kernels import PolicyLossConfig
-from papo_kernels.loss import fused_linear as fl
-from papo_kernels.loss import fused_linear_policy_loss, linear_logits, policy_loss_reference
+from papo_kernels.loss import chunked, fused_linear_policy_loss, linear_logits, naive_policy_loss
 from tests.kernels._policy_loss_cases import configs, input_options, kwargs_of, make_case
 
 B, T, D, V = 3, 6, 8, 37
@@ -47,7 +48,7 @@ def run_reference(params, case, cfg, scale=1.0, cap=None):
     ps = [p.detach().double().requires_grad_() if p is not None else None for p in params]
     kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kwargs_of(case).items()}
     logits = linear_logits(ps[0], ps[1], ps[2], scale, cap)
-    out = policy_loss_reference(
+    out = naive_policy_loss(
         logits, case["completion_ids"], case["completion_mask"], case["advantages"].double(), config=cfg, **kw
     )
     out.loss.backward()
@@ -68,14 +69,40 @@ def assert_close(out, grads, ref, ref_grads, rtol, atol):
         torch.testing.assert_close(getattr(out, name).double(), r, rtol=rtol, atol=atol * max(r.abs().max().item(), 1))
 
 
+def record_gemms(monkeypatch) -> list:
+    """``(helper, output shape, output dtype)`` of every gradient GEMM of the chunk loop (G2 and G3), as they run."""
+    calls = []
+    for name in ("mm_into", "addmm_into"):
+        real = getattr(chunked, name)
+
+        def spy(out, a, b, name=name, real=real):
+            calls.append((name, tuple(out.shape), out.dtype))
+            real(out, a, b)
+
+        monkeypatch.setattr(chunked, name, spy)
+    return calls
+
+
+@contextlib.contextmanager
+def overlapped(on: bool = True):
+    """The chunk loop with the row kernel on a second stream (in order on CPU tensors: the same schedule)."""
+    old, chunked.OVERLAP_ROWS = chunked.OVERLAP_ROWS, on
+    try:
+        yield
+    finally:
+        chunked.OVERLAP_ROWS = old
+
+
 @given(
     cfg=configs(T=T), opts=input_options(), seed=st.integers(0, 2**16), bias=st.booleans(),
     head=st.sampled_from([(1.0, None), (0.5, None), (1.0, 3.0), (1.7, 2.5)]), chunk=st.sampled_from([None, 1, 4, 7]),
+    overlap=st.booleans(),
 )  # fmt: skip
-def test_matches_materialised_logits_fp64(cfg, opts, seed, bias, head, chunk):
+def test_matches_materialised_logits_fp64(cfg, opts, seed, bias, head, chunk, overlap):
     scale, cap = head
     params, case = make_head(seed, B, T, D, V, cfg, bias=bias, **opts)
-    out, grads = run_fused(params, case, cfg, logit_scale=scale, final_logit_softcapping=cap, chunk_size=chunk)
+    with overlapped(overlap):
+        out, grads = run_fused(params, case, cfg, logit_scale=scale, final_logit_softcapping=cap, chunk_size=chunk)
     ref, ref_grads = run_reference(params, case, cfg, scale, cap)
     assert_close(out, grads, ref, ref_grads, rtol=1e-9, atol=1e-11)
 
@@ -111,14 +138,14 @@ def test_bf16_and_autocast():
 
 
 def test_frozen_head_has_no_weight_gradient_nor_accumulator(monkeypatch):
-    shapes = []
-    real = fl._addmm_fp32
-    monkeypatch.setattr(fl, "_addmm_fp32", lambda acc, a, b: (shapes.append(tuple(acc.shape)), real(acc, a, b)))
+    """PEFT: every GEMM output is the hidden-state gradient's ``[chunk, D]``; nothing of the head's ``[V, D]``."""
+    calls = record_gemms(monkeypatch)
     cfg = PolicyLossConfig(loss_type="dapo")
     (h, w, _), case = make_head(5, B, T, D, V, cfg)
     w.requires_grad_(False)
-    out, (gh, gw, _) = run_fused([h, w, None], case, cfg)
-    assert gw is None and gh is not None and (V, D) not in shapes and shapes
+    out, (gh, gw, _) = run_fused([h, w, None], case, cfg, chunk_size=4)
+    n = int(case["completion_mask"].sum())
+    assert gw is None and [shape for _, shape, _ in calls] == [(min(4, n - c0), D) for c0 in range(0, n, 4)]
     ref, (rh, _, _) = run_reference([h, w, None], case, cfg)
     torch.testing.assert_close(gh, rh)
 
@@ -162,8 +189,8 @@ def test_long_sequence_many_chunks():
 
 
 def test_no_grad_forward_skips_gradient_work(monkeypatch):
-    for name in ("grad_rows", "fused_rows", "prepare_weights"):
-        monkeypatch.setattr(fl, name, lambda *a, **k: pytest.fail("gradient work launched under no_grad"))
+    for name in ("grad_rows", "fused_rows", "prepare_weights", "mm_into", "addmm_into"):
+        monkeypatch.setattr(chunked, name, lambda *a, **k: pytest.fail("gradient work launched under no_grad"))
     cfg = PolicyLossConfig(loss_type="bnpo")
     params, case = make_head(8, B, T, D, V, cfg)
     with torch.no_grad():
@@ -187,16 +214,9 @@ def test_input_validation():
         fused_linear_policy_loss(h, w, ids, mask, adv, logit_scale=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_policy_loss(h, w, ids, mask, adv, chunk_size=0)
-
-
-def test_default_chunk_size():
-    cpu = torch.device("cpu")
-    assert fl.default_chunk_size(100, 151936, 896, torch.bfloat16, cpu) == 100
-    for D in (896, 3584, 8192):
-        n = fl.default_chunk_size(65536, 152064, D, torch.bfloat16, cpu)
-        assert 128 <= n <= 16384 and n % 128 == 0
-        assert n * 152064 * 2 <= max(min(152064 * D, fl.MAX_CHUNK_BYTES), fl.MIN_CHUNK_BYTES)
-    assert fl.default_chunk_size(65536, 1024, 64, torch.float32, cpu) == 16384
+    for bad in (0.0, float("inf"), torch.ones(2)):
+        with pytest.raises(ValueError, match="grad_scale"):
+            fused_linear_policy_loss(h, w, ids, mask, adv, grad_scale=bad)
 
 
 def test_exported():
@@ -233,7 +253,7 @@ def test_qwen_head_against_fp32_and_trl_cuda(level):
     logps, entropy = (x.new_zeros(m.shape).masked_scatter(m, x) for x in outs[:2])
     trl = grads_of(loss_from_logps(logps, entropy, mask, adv, **kw).loss, (h, w))
     h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    exact = grads_of(policy_loss_reference(linear_logits(h32, w32), ids, mask, adv, **kw).loss, (h32, w32))
+    exact = grads_of(naive_policy_loss(linear_logits(h32, w32), ids, mask, adv, **kw).loss, (h32, w32))
     for a, b, e in zip(ours, trl, exact, strict=True):
         err_ours = ((a - e).norm() / e.norm()).item()
         err_trl = ((b - e).norm() / e.norm()).item()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import papo_kernels
 from papo_kernels import PolicyLossConfig
 from papo_kernels.loss import launch as launch_mod
-from papo_kernels.loss import policy_loss, policy_loss_reference, token_logps_and_entropy
+from papo_kernels.loss import naive_policy_loss, policy_loss, token_logps_and_entropy
 from tests.kernels._policy_loss_cases import configs, input_options, kwargs_of, make_case
 
 B, T, V = 3, 6, 11
@@ -42,14 +42,19 @@ def assert_outputs_close(a, b, grad_a, grad_b, rtol, atol):
 def test_kernel_matches_reference_fp64(cfg, opts, seed):
     case = make_case(seed, B, T, V, cfg=cfg, device=DEVICE, **opts)
     ours, g_ours = run(policy_loss, case, cfg)
-    ref, g_ref = run(policy_loss_reference, case, cfg)
+    ref, g_ref = run(naive_policy_loss, case, cfg)
     assert_outputs_close(ours, ref, g_ours, g_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("tile", ["narrow", "wide"])
 @pytest.mark.parametrize("loss_type,level", ALL)
-def test_fp32_matches_fp64_reference(loss_type, level, device, monkeypatch):
-    """fp32 logits: loss and dlogits within 1e-5 (relative) of TRL's formulas in fp64, several vocab blocks."""
+def test_fp32_matches_fp64_reference(loss_type, level, tile, device, monkeypatch):
+    """fp32 logits: loss and dlogits within 1e-5 (relative) of TRL's formulas in fp64, several vocab blocks, with the
+    one-warp tile (sums per block) and the wide tile (sums per lane)."""
     monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 32)
+    monkeypatch.setattr(launch_mod, "SMALL_BLOCK", 32)
+    if tile == "wide":
+        monkeypatch.setattr(launch_mod, "SMALL_V", 0)
     cfg = PolicyLossConfig(
         loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28 if loss_type != "cispo" else 1.3,
         beta=0.04, use_bias_correction_kl=level == "sequence", entropy_coef=0.01, temperature=0.8,
@@ -58,7 +63,7 @@ def test_fp32_matches_fp64_reference(loss_type, level, device, monkeypatch):
     case = make_case(7, 4, 8, 77, cfg=cfg, adv_2d=level == "token", is_ratio="token", masked_row=True, device=device)
     case32 = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in case.items()}
     ours, g_ours = run(policy_loss, case32, cfg)
-    ref, g_ref = run(policy_loss_reference, case, cfg, logits=case32["logits"].double())
+    ref, g_ref = run(naive_policy_loss, case, cfg, logits=case32["logits"].double())
     assert ours.loss.dtype == torch.float32 and ours.per_token_logps.dtype == torch.float32
     assert g_ours.dtype == torch.float32
     assert_outputs_close(ours, ref, g_ours, g_ref, rtol=1e-5, atol=1e-6)
@@ -80,7 +85,7 @@ def test_bf16_is_closer_to_fp64_than_eager_bf16(device):
     case = make_case(11, 4, 16, 500, cfg=cfg, device=device, scale=4.0)
     x16 = case["logits"].bfloat16()
     ours, g_ours = run(policy_loss, case, cfg, logits=x16)
-    ref, g_ref = run(policy_loss_reference, case, cfg, logits=x16.double())
+    ref, g_ref = run(naive_policy_loss, case, cfg, logits=x16.double())
 
     eager_x = x16.clone().requires_grad_()
     logps = selective_log_softmax(eager_x, case["completion_ids"])
@@ -117,6 +122,7 @@ def test_masked_rows_and_fully_masked_batch(level, device):
 
 def test_extreme_and_neg_inf_logits(device, monkeypatch):
     monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(launch_mod, "SMALL_BLOCK", 16)
     cfg = PolicyLossConfig(loss_type="dapo", entropy_coef=0.05, beta=0.02)
     case = make_case(4, 2, 5, 50, cfg=cfg, device=device, scale=1e4)
     x = case["logits"].float()
@@ -128,7 +134,7 @@ def test_extreme_and_neg_inf_logits(device, monkeypatch):
     case["ref_logps"] = logps - 0.1
     for dtype in (torch.float32, torch.bfloat16):
         ours, g = run(policy_loss, case, cfg, logits=x.to(dtype))
-        ref, g_ref = run(policy_loss_reference, case, cfg, logits=x.to(dtype).double())
+        ref, g_ref = run(naive_policy_loss, case, cfg, logits=x.to(dtype).double())
         assert torch.isfinite(ours.loss) and torch.isfinite(g.float()).all()
         assert torch.isfinite(ours.entropy).all() and torch.isfinite(ours.per_token_logps).all()
         torch.testing.assert_close(ours.per_token_logps.double(), ref.per_token_logps, rtol=1e-5, atol=1e-3)
@@ -166,7 +172,7 @@ def test_num_items_and_sequence_scale_inputs(device):
     case = make_case(8, B, T, V, cfg=cfg, device=device)
     for n in (5.0, torch.tensor(5.0, dtype=torch.float64, device=device)):
         ours, g = run(policy_loss, case, cfg, num_items_in_batch=n)
-        ref, g_ref = run(policy_loss_reference, case, cfg, num_items_in_batch=5.0)
+        ref, g_ref = run(naive_policy_loss, case, cfg, num_items_in_batch=5.0)
         assert_outputs_close(ours, ref, g, g_ref, rtol=1e-10, atol=1e-12)
     scale = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64, device=device)
     ours, g = run(policy_loss, case, cfg, sequence_scale=scale)
@@ -177,10 +183,11 @@ def test_num_items_and_sequence_scale_inputs(device):
 def test_long_sequence(device, monkeypatch):
     """One 1,100-token sequence: the sequence kernel loops over three token blocks, logits over vocab blocks."""
     monkeypatch.setattr(launch_mod, "MAX_BLOCK_V", 16)
+    monkeypatch.setattr(launch_mod, "SMALL_BLOCK", 16)
     cfg = PolicyLossConfig(loss_type="grpo", importance_sampling_level="sequence", beta=0.01, entropy_coef=0.01)
     case = make_case(9, 1, 1100, 20, cfg=cfg, device=device, dtype=torch.float32)
     ours, g = run(policy_loss, case, cfg)
-    ref, g_ref = run(policy_loss_reference, case, cfg, logits=case["logits"].double())
+    ref, g_ref = run(naive_policy_loss, case, cfg, logits=case["logits"].double())
     assert_outputs_close(ours, ref, g, g_ref, rtol=1e-5, atol=1e-6)
 
 
@@ -193,7 +200,7 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
     cfg = PolicyLossConfig()
     case = make_case(10, B, T, V, cfg=cfg)
     ours, g = run(policy_loss, case, cfg)
-    ref, g_ref = run(policy_loss_reference, case, cfg)
+    ref, g_ref = run(naive_policy_loss, case, cfg)
     torch.testing.assert_close(ours.loss, ref.loss)
     torch.testing.assert_close(g, g_ref)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss, policy_loss
-from papo_kernels.loss import launch, policy_loss_reference
+from papo_kernels.loss import launch, naive_policy_loss
 from papo_kernels.loss.rows import _rows, _scale_rows
 from tests.kernels._policy_loss_cases import kwargs_of, make_case
 from tests.kernels.test_policy_loss import run
@@ -38,8 +38,9 @@ def test_gradient_is_written_in_the_forward(cfg, forward, launches, device, monk
     """Single phase: one launch of the row kernel in the forward; two phases: statistics then gradient. The in-place
     buffer holds the exact gradient once the forward returns; the backward is one launch that leaves it as is."""
     monkeypatch.setattr(launch, "MAX_BLOCK_V", 16)  # several blocks a row: the second pass runs in reverse
+    monkeypatch.setattr(launch, "SMALL_BLOCK", 16)
     case = make_case(1, B, T, V, cfg=cfg, device=device, masked_row=True)
-    _, expected = run(policy_loss_reference, case, cfg)
+    _, expected = run(naive_policy_loss, case, cfg)
     buf = case["logits"].clone().requires_grad_()
     out = _loss(buf, case, cfg, inplace_grad=True)
     assert launches == forward
@@ -56,7 +57,7 @@ def test_announced_and_other_upstream_gradients(cfg, device):
     """``grad_scale`` announces the upstream gradient (a float or a device tensor): the forward writes that
     gradient; any other upstream gradient is applied by the backward's rescaling pass."""
     case = make_case(2, B, T, V, cfg=cfg, device=device, dtype=torch.float32)
-    _, expected = run(policy_loss_reference, case, cfg, logits=case["logits"].double())
+    _, expected = run(naive_policy_loss, case, cfg, logits=case["logits"].double())
     for announced, applied in ((0.25, 0.25), (torch.tensor(0.5, device=device), 0.5), (1.0, 3.0), (0.5, -2.0)):
         x = case["logits"].clone().requires_grad_()
         (_loss(x, case, cfg, grad_scale=announced).loss * applied).backward()
@@ -71,7 +72,7 @@ def test_no_gradient_needed_reads_once_and_keeps_the_logits(launches, device):
     _loss(x, case, DAPO, inplace_grad=True)  # no tensor requires grad
     assert launches == [("rows", True, False)] * 2
     assert torch.equal(x, case["logits"])
-    ref, _ = run(policy_loss_reference, case, DAPO)
+    ref, _ = run(naive_policy_loss, case, DAPO)
     torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-10, atol=1e-12)
 
 
@@ -90,7 +91,8 @@ def test_padded_rows_are_never_read(device):
 
 
 def test_fused_linear_chunk_is_one_row_launch(launches, device):
-    """The linear head's single phase: one row-kernel launch per chunk computes its statistics and gradient."""
+    """The linear head's single phase: one row-kernel launch per chunk computes its statistics and gradient; the
+    backward is the scale kernel's check of the hidden-state gradient."""
     case = make_case(5, B, T, V, cfg=DAPO, device=device)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, T, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
@@ -99,7 +101,7 @@ def test_fused_linear_chunk_is_one_row_launch(launches, device):
     out = fused_linear_policy_loss(h, w, case["completion_ids"], case["completion_mask"], case["advantages"],
                                    config=DAPO, chunk_size=4, **kwargs_of(case))  # fmt: skip
     out.loss.backward()
-    assert launches == [("rows", True, True)] * (-(-n // 4))
+    assert launches == [("rows", True, True)] * (-(-n // 4)) + [("scale", None, None)]
 
 
 @pytest.mark.parametrize("bad", [0.0, float("nan"), "1", torch.ones(2)])
@@ -119,9 +121,10 @@ def test_second_backward_raises(device):
 
 def test_programs_fit_the_l2_and_the_sms():
     """Rows in flight on an H100 (132 SMs, 50 MB of L2): one program per SM for the widest blocks, more for narrow
-    rows while the L2 holds them."""
+    rows while the L2 holds them; rows up to 65,536 logits take the one-warp tile."""
     big = launch.tile(151936)
-    assert big == (8192, 16) and launch.tile(100) == (128, 4)
+    assert big == (8192, 16) and launch.tile(100) == (1024, 1) and launch.tile(32000) == (1024, 1)
+    assert launch.tile(65537) == (8192, 16)
     h100 = (132, 50 << 20)
     assert launch.occupancy(10**6, big[1], 151936 * 2, *h100) == 132
     assert launch.occupancy(10**6, 4, 2048 * 2, *h100) == 132 * 4

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from papo_kernels import PolicyLossConfig, PolicyLossOutput
-from papo_kernels.loss import loss_from_logps, policy_loss_reference, token_logps_and_entropy
+from papo_kernels.loss import loss_from_logps, naive_policy_loss, token_logps_and_entropy
 from tests.kernels._policy_loss_cases import (
     configs,
     input_options,
@@ -26,7 +26,7 @@ def test_reference_matches_trl(cfg, opts, seed):
     opts["sequence_scale"] = False  # not a TRL input
     case = make_case(seed, B, T, V, cfg=cfg, **opts)
     ours_logits = case["logits"].clone().requires_grad_()
-    out = policy_loss_reference(
+    out = naive_policy_loss(
         ours_logits, case["completion_ids"], case["completion_mask"], case["advantages"],
         config=cfg, **kwargs_of(case),
     )  # fmt: skip
@@ -91,7 +91,7 @@ def test_fully_masked_batch_is_finite_and_output_is_typed():
     case = make_case(2, B, T, V, cfg=cfg)
     case["completion_mask"].zero_()
     logits = case["logits"].clone().requires_grad_()
-    out = policy_loss_reference(logits, case["completion_ids"], case["completion_mask"], case["advantages"], config=cfg)
+    out = naive_policy_loss(logits, case["completion_ids"], case["completion_mask"], case["advantages"], config=cfg)
     assert isinstance(out, PolicyLossOutput)
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
@@ -140,12 +140,12 @@ def test_input_validation():
     case = make_case(3, B, T, V, cfg=PolicyLossConfig())
     logits, ids, mask, adv = (case[k] for k in ("logits", "completion_ids", "completion_mask", "advantages"))
     with pytest.raises(ValueError, match="ref_logps"):
-        policy_loss_reference(logits, ids, mask, adv, config=cfg)
+        naive_policy_loss(logits, ids, mask, adv, config=cfg)
     with pytest.raises(ValueError, match="advantages"):
-        policy_loss_reference(logits, ids, mask, adv[:-1])
+        naive_policy_loss(logits, ids, mask, adv[:-1])
     with pytest.raises(ValueError, match="importance_sampling_ratio"):
-        policy_loss_reference(logits, ids, mask, adv, importance_sampling_ratio=torch.ones(B, 2, dtype=torch.float64))
+        naive_policy_loss(logits, ids, mask, adv, importance_sampling_ratio=torch.ones(B, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="completion_ids"):
-        policy_loss_reference(logits, ids + V, mask, adv)
+        naive_policy_loss(logits, ids + V, mask, adv)
     with pytest.raises(ValueError, match="completion_mask"):
-        policy_loss_reference(logits, ids, mask[:, :-1], adv)
+        naive_policy_loss(logits, ids, mask[:, :-1], adv)

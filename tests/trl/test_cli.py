@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from papo_trl import PAPOConfig, cli
+from papo_trl import PAPOConfig, cli, startup
 from papo_trl.rewards import RubricJudge, exact_answer_reward, step_checker_reward
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -19,7 +19,9 @@ def _write_yaml(path, text):
 
 
 def test_yaml_then_command_line_overrides(tmp_path):
-    config = _write_yaml(tmp_path / "run.yaml", f"""
+    config = _write_yaml(
+        tmp_path / "run.yaml",
+        f"""
 model_name_or_path: Qwen/Qwen2.5-7B
 dataset_name: papo-demo
 output_dir: {tmp_path / "out"}
@@ -35,10 +37,23 @@ process_reward_funcs: [step_checker_reward]
 judge_base_url: http://judge:9000/v1
 env:
   PAPO_TEST_ENV: from-yaml
-""")
-    argv = ["--config", config, "--lambda_process", "0.25", "--dynamic_sampling", "true",
-            "--max_generation_batches", "3", "--judge_max_concurrency", "8", "--dtype", "bfloat16"]
-    script, args, model = cli.make_parser().parse_args_and_config(argv)
+""",
+    )
+    argv = [
+        "--config",
+        config,
+        "--lambda_process",
+        "0.25",
+        "--dynamic_sampling",
+        "true",
+        "--max_generation_batches",
+        "3",
+        "--judge_max_concurrency",
+        "8",
+        "--dtype",
+        "bfloat16",
+    ]
+    script, args, model = cli.parse_train_args(argv)
     assert isinstance(args, PAPOConfig)
     assert args.advantage_estimator == "papo_fullnorm" and args.process_reward_on_correct_only is False
     assert args.lambda_process == 0.25  # the flag wins over the YAML
@@ -56,8 +71,16 @@ def test_every_papo_config_field_is_settable():
     fields = [f.name for f in dataclasses.fields(PAPOConfig) if f.init]
     missing = [name for name in fields if name not in dests]
     assert not missing, f"PAPOConfig fields without a command-line option: {missing}"
-    for name in ("advantage_estimator", "lambda_process", "correctness_reward_index", "correct_threshold",
-                 "process_reward_on_correct_only", "use_fused_loss", "dynamic_sampling", "max_generation_batches"):
+    for name in (
+        "advantage_estimator",
+        "lambda_process",
+        "correctness_reward_index",
+        "correct_threshold",
+        "process_reward_on_correct_only",
+        "use_fused_loss",
+        "dynamic_sampling",
+        "max_generation_batches",
+    ):
         assert name in dests
 
 
@@ -71,9 +94,10 @@ def test_bad_values_are_rejected(tmp_path):
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in EXAMPLES.glob("*.yaml") if "accelerate" not in p.name))
-def test_example_recipes_parse(recipe):
-    argv = ["--config", str(EXAMPLES / recipe), "--use_cpu", "true"]  # parse only: no GPU here
-    script, args, model = cli.make_parser().parse_args_and_config(argv)
+def test_example_recipes_parse(recipe, monkeypatch):
+    monkeypatch.setattr(startup, "has_gpu", lambda: True)  # the recipes' machine, parsed here on the CPU
+    argv = ["--config", str(EXAMPLES / recipe), "--use_cpu", "true"]
+    script, args, model = cli.parse_train_args(argv)
     assert model.model_name_or_path == "Qwen/Qwen2.5-7B"
     # the paper's setup: G=8, lr 1e-6, 8192-token responses, clip 0.2/0.28, no KL, 128 prompts per step on 4 ranks
     assert args.num_generations == 8 and args.learning_rate == 1e-6 and args.max_completion_length == 8192
@@ -89,7 +113,7 @@ def test_example_recipes_parse(recipe):
 def test_demo_arguments():
     args = cli.parse_demo_args(["--compare", "--seed", "3", "--quick", "--output_dir", "x"])
     assert (args.compare, args.seed, args.quick, args.output_dir, args.method) == (True, 3, True, "x", "papo")
-    with pytest.raises(SystemExit):
+    with pytest.raises(cli.UsageError, match="--method"):
         cli.parse_demo_args(["--method", "ppo"])
 
 

@@ -121,6 +121,9 @@ def _check_outputs(out_dir, methods):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     numbers = list(_finite_numbers(summary))
     assert numbers and all(math.isfinite(x) for x in numbers)
+    expected = ["curves.png", "summary.json"] + (["table.md"] if "seeds" in summary else [])
+    assert sorted(p.name for p in out_dir.iterdir()) == expected  # no empty trainer folders
+    assert 0 < summary["held_out_problems"]["curve"] <= summary["held_out_problems"]["total"]
     for method in methods:
         runs = summary["curves"][method]
         for run in runs if isinstance(runs, list) else [runs]:
@@ -165,7 +168,9 @@ def test_compare_over_seeds(tmp_path, monkeypatch, capsys):
     micro = replace(run.QUICK, n_sft=200, n_eval=20, sft_steps=4, rl_steps=2, eval_every=1, n_eval_curve=8)
     monkeypatch.setattr(run, "QUICK", micro)
     monkeypatch.setattr(compare, "QUICK", micro)
+    threads = torch.get_num_threads()
     summary = compare.run_compare(quick=True, output_dir=str(tmp_path / "cmp"), seeds=[1, 2])
+    assert torch.get_num_threads() == threads and summary["num_threads"] == compare.COMPARE_THREADS
     methods = ["grpo", "papo", "prm_only"]
     _check_outputs(tmp_path / "cmp", methods)
     assert summary["seeds"] == [1, 2] and summary["methods"] == methods and summary["quick"] is True
@@ -269,3 +274,17 @@ def test_seeds_flag():
     assert parse_demo_args(["--compare"]).seeds is None
     with pytest.raises(ValueError, match="--seeds needs --compare"):
         run_demo_command(parse_demo_args(["--seeds", "0", "1"]))
+
+
+def test_plot_names_the_evaluation_subset(tmp_path, monkeypatch):
+    from papo_trl.demo import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    rows = [{"step": s, "accuracy": 0.5, "process_score": 0.5} for s in (0, 25)]
+    train = [{"step": s, plots.OUTCOME_KEY: 0.5, "completions/mean_length": 9.0} for s in (1, 2)]
+    plots.plot_curves({"papo": {"train": train, "held_out": rows}}, str(tmp_path / "c.png"), title="t",
+                      held_out_problems={"curve": 200, "total": 500})  # fmt: skip
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert sum("200 of the 500 held-out problems" in t for t in titles) == 2
+    assert (tmp_path / "c.png").stat().st_size > 10_000

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from papo_kernels import PolicyLossConfig
-from papo_kernels.loss import policy_loss_reference
+from papo_kernels.loss import naive_policy_loss
 from papo_trl import fused_head
 from papo_trl.fused_head import PolicyLossInputs, add_fused_policy_loss_head, head_transform
 
@@ -63,8 +63,8 @@ def batch(cfg: PolicyLossConfig, seed=0, left_pad=True):
 
 def eager(model, input_ids, attention_mask, inputs):
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -T - 1 : -1]
-    return policy_loss_reference(logits, inputs.completion_ids, inputs.completion_mask, inputs.advantages,
-                                 **inputs.loss_kwargs())  # fmt: skip
+    kwargs = {k: v for k, v in inputs.loss_kwargs().items() if k != "grad_scale"}  # a fused-backward setting only
+    return naive_policy_loss(logits, inputs.completion_ids, inputs.completion_mask, inputs.advantages, **kwargs)
 
 
 def grads(model):

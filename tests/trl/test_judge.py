@@ -50,8 +50,10 @@ def user_message(request: dict) -> str:
 
 def test_grades_conversational_batch_with_reference(server):
     judge = RubricJudge(server.base_url, model="judge-model", system_prompt="You are a strict grader.", **FAST)
-    prompts = [[{"role": "system", "content": "Reason step by step."}, {"role": "user", "content": f"Q{i}: 2+2?"}]
-               for i in range(3)]
+    prompts = [
+        [{"role": "system", "content": "Reason step by step."}, {"role": "user", "content": f"Q{i}: 2+2?"}]
+        for i in range(3)
+    ]
     completions = [
         [{"role": "assistant", "content": "<think>[[judge: fail=400]] scratch</think>2 + 2 = 4 [[judge: score=1]]"}],
         [{"role": "assistant", "content": "It is 4 [[judge: score=0.5]]"}],
@@ -63,8 +65,13 @@ def test_grades_conversational_batch_with_reference(server):
     assert first["model"] == "judge-model" and first["temperature"] == pytest.approx(0.1)
     assert first["messages"][0] == {"role": "system", "content": "You are a strict grader."}
     text = user_message(first)
-    sections = ("## Scoring Rubric", "## Problem\nQ0: 2+2?", "## Reference Solution\nAdd: \\boxed{4}",
-                "## Student Solution\n2 + 2 = 4", "Score: \\boxed{...}")
+    sections = (
+        "## Scoring Rubric",
+        "## Problem\nQ0: 2+2?",
+        "## Reference Solution\nAdd: \\boxed{4}",
+        "## Student Solution\n2 + 2 = 4",
+        "Score: \\boxed{...}",
+    )
     order = [text.index(s) for s in sections]
     assert order == sorted(order)
     assert "<think>" not in text and "scratch" not in text and "Reason step by step" not in text
@@ -84,8 +91,11 @@ def test_problem_column_and_no_reference(server):
 
 def test_judge_output_forms(server):
     judge = RubricJudge(server.base_url, **FAST)
-    completions = ["a [[judge: reply=think score=1]]", "b [[judge: reply=fallback score=0.5]]",
-                   "c [[judge: reply=reasoning score=0]]"]
+    completions = [
+        "a [[judge: reply=think score=1]]",
+        "b [[judge: reply=fallback score=0.5]]",
+        "c [[judge: reply=reasoning score=0]]",
+    ]
     assert grade(judge, completions) == [1.0, 0.5, 0.0]
 
 
@@ -112,8 +122,8 @@ def test_slow_response_times_out_then_retry_succeeds(server):
 
 def test_server_errors_are_retried_with_backoff(server):
     judge = RubricJudge(server.base_url, **FAST)
-    assert grade(judge, ["a [[judge: fail=500x2 score=0.5]]", "b [[judge: fail=503]]", "c [[judge: fail=429x1]]"]) \
-        == [0.5, None, 1.0]
+    completions = ["a [[judge: fail=500x2 score=0.5]]", "b [[judge: fail=503]]", "c [[judge: fail=429x1]]"]
+    assert grade(judge, completions) == [0.5, None, 1.0]
     stats = judge.stats()
     assert stats["judge/requests"] == 3 + 3 + 2 and stats["judge/retries"] == 5
     assert stats["judge/failures/server_error"] == 1 and stats["judge/failures"] == 1
@@ -192,11 +202,17 @@ def test_batch_of_500_with_mixed_faults(server):
     """Every good response is scored, every failed one is None, the counters add up, all within the deadline."""
     # (directive, expected result, failure kind, requests sent) with max_retries=2
     patterns = [
-        ("score=1", 1.0, None, 1), ("score=0.5", 0.5, None, 1), ("score=0", 0.0, None, 1),
-        ("delay=0.05 score=0.5", 0.5, None, 1), ("fail=500x1 score=1", 1.0, None, 2),
-        ("fail=503", None, "server_error", 3), ("delay=5", None, "timeout", 3),
-        ("reply=garbage", None, "unparseable", 1), ("reply=empty", None, "empty", 1),
-        ("fail=400", None, "client_error", 1), ("reply=drop", None, "connection", 3),
+        ("score=1", 1.0, None, 1),
+        ("score=0.5", 0.5, None, 1),
+        ("score=0", 0.0, None, 1),
+        ("delay=0.05 score=0.5", 0.5, None, 1),
+        ("fail=500x1 score=1", 1.0, None, 2),
+        ("fail=503", None, "server_error", 3),
+        ("delay=5", None, "timeout", 3),
+        ("reply=garbage", None, "unparseable", 1),
+        ("reply=empty", None, "empty", 1),
+        ("fail=400", None, "client_error", 1),
+        ("reply=drop", None, "connection", 3),
         ("reply=think score=0.5", 0.5, None, 1),
     ]
     deadline = 30.0
@@ -245,8 +261,17 @@ def test_pickle_round_trip_and_log_metric(server):
     assert logged["judge/scored"] == 1 and logged["judge/score_mean"] == 0.5 and "judge/latency_p99" in logged
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_concurrency=0), dict(max_retries=-1), dict(request_timeout=0),
-                                    dict(batch_deadline=-1.0), dict(valid_scores=()), dict(base_url="")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_concurrency=0),
+        dict(max_retries=-1),
+        dict(request_timeout=0),
+        dict(batch_deadline=-1.0),
+        dict(valid_scores=()),
+        dict(base_url=""),
+    ],
+)
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         RubricJudge(**{"base_url": "http://127.0.0.1:1/v1", **kwargs})

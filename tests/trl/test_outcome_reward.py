@@ -13,15 +13,22 @@ def trl_call(func, completions, **columns):
     """Call ``func`` the way GRPOTrainer._calculate_rewards does."""
     logged = {}
     extra = dict(trainer_state=None, log_extra=lambda k, v: logged.__setitem__(k, v), log_metric=lambda k, v: None)
-    out = func(prompts=["p"] * len(completions), completions=completions, completion_ids=[[1]] * len(completions),
-               **columns, **extra)
+    out = func(
+        prompts=["p"] * len(completions),
+        completions=completions,
+        completion_ids=[[1]] * len(completions),
+        **columns,
+        **extra,
+    )
     return out, logged
 
 
 def test_math_accuracy_matches_trl_on_conversational_input():
     solutions = ["\\frac{1}{3}", "\\frac{1}{3}", "$2$", "$x^2$"]
-    completions = [[{"role": "assistant", "content": c}] for c in
-                   ("So \\boxed{\\frac{1}{3}}.", "\\boxed{\\frac{1}{2}}", "\\boxed{2.0}", "no answer")]
+    completions = [
+        [{"role": "assistant", "content": c}]
+        for c in ("So \\boxed{\\frac{1}{3}}.", "\\boxed{\\frac{1}{2}}", "\\boxed{2.0}", "no answer")
+    ]
     ours, logged = trl_call(math_accuracy_reward, completions, solution=solutions)
     assert ours == accuracy_reward(completions, solutions) == [1.0, 0.0, 1.0, 0.0]
     assert {"solution", "gold_parsed", "answer_parsed"} <= logged.keys()
@@ -40,11 +47,27 @@ def test_math_accuracy_rejects_missing_or_short_gold_column():
         math_accuracy_reward(["\\boxed{1}", "\\boxed{2}"], solution=["1"])
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("42", "42"), ("042", "42"), ("+42", "42"), ("42.0", "42"), ("-7", "-7"), ("1,234", "1234"),
-    ("0.50", "0.5"), (".5", "0.5"), ("$42$", "42"), ("\\text{42}", "42"), ("\\mathrm{ 42 }", "42"),
-    ("1\\,000", "1000"), ("42.", "42"), (" Yes ", "yes"), ("x + 1", "x+1"), ("1,2", "1,2"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("42", "42"),
+        ("042", "42"),
+        ("+42", "42"),
+        ("42.0", "42"),
+        ("-7", "-7"),
+        ("1,234", "1234"),
+        ("0.50", "0.5"),
+        (".5", "0.5"),
+        ("$42$", "42"),
+        ("\\text{42}", "42"),
+        ("\\mathrm{ 42 }", "42"),
+        ("1\\,000", "1000"),
+        ("42.", "42"),
+        (" Yes ", "yes"),
+        ("x + 1", "x+1"),
+        ("1,2", "1,2"),
+    ],
+)
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 

@@ -7,7 +7,7 @@ import torch
 from datasets import IterableDataset
 from trl import GRPOConfig, GRPOTrainer
 
-from papo_kernels.advantages import naive
+from papo_kernels.advantages.naive import naive_papo_advantages
 from papo_trl import PAPOTrainer
 from tests.trl.tiny import (
     digit_outcome_reward,
@@ -82,7 +82,8 @@ def test_papo_advantages_and_process_calls(tmp_path):
     assert judged and all(digit_outcome_reward([c])[0] == 1.0 for c in judged)
     assert torch.isnan(process[~correct]).all()
     assert torch.isnan(process[correct]).any()  # the judge's None is left out, not scored 0
-    ref = naive.papo_advantages(rewards[:, 0], process[:, 0], correct, 4, lambda_process=0.5, eps=1e-6)
+    options = dict(lambda_process=0.5, eps=1e-6, scale_by_std=True, process_norm="correct")
+    ref = naive_papo_advantages(rewards[:, 0], process[:, 0], correct, 4, **options)
     torch.testing.assert_close(advantages, ref.total, atol=1e-5, rtol=1e-5)
 
 
@@ -252,3 +253,27 @@ def test_bad_configuration_raises_at_construction(tmp_path, kwargs, match):
             train_dataset=_iterable() if iterable else tiny_dataset(),
             processing_class=TOKENIZER,
         )
+
+
+def test_fused_loss_announces_the_accumulation_scale(tmp_path, monkeypatch):
+    """Under gradient accumulation the fused head is told the upstream gradient (1 / steps) in advance, so the
+    backward finds it equal to the announced scale and rescales nothing."""
+    from papo_kernels.loss import fused_linear
+
+    seen = []
+    scale_rows = fused_linear.scale_rows
+
+    def spy(g, go, gs):
+        seen.append((go.item(), gs.item()))
+        scale_rows(g, go, gs)
+
+    monkeypatch.setattr(fused_linear, "scale_rows", spy)
+    trainer = make_trainer(
+        tmp_path, process=(), advantage_estimator="grpo", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+    )  # fmt: skip
+    assert trainer._fused_loss
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.accelerator.backward(trainer._compute_policy_loss(trainer.model, inputs))
+    assert seen and all(go == gs == 0.5 for go, gs in seen)

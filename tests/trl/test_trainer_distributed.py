@@ -50,7 +50,7 @@ def _worker(out_dir: str) -> None:
     import torch
     from accelerate.utils import gather
 
-    from papo_kernels.advantages import naive
+    from papo_kernels.advantages.naive import naive_papo_advantages
     from papo_trl import PAPOTrainer
     from tests.trl.test_trainer_sampling import mostly_uniform_reward
     from tests.trl.tiny import digit_process_reward, tiny_args, tiny_dataset, tiny_model, tiny_tokenizer
@@ -77,7 +77,8 @@ def _worker(out_dir: str) -> None:
         local = out["advantages"]
         everywhere = gather(local)  # process order, as TRL gathers the rewards
         correct = rewards_per_func[:, 0] >= 1.0
-        ref = naive.papo_advantages(rewards_per_func[:, 0], process[:, 0], correct, G_, eps=1e-6)
+        options = dict(lambda_process=1.0, eps=1e-6, scale_by_std=True, process_norm="correct")
+        ref = naive_papo_advantages(rewards_per_func[:, 0], process[:, 0], correct, G_, **options)
         ref_total = torch.where(valid, ref.total, torch.zeros_like(ref.total))
         report["batches"] += 1
         report["max_abs_diff"] = max(report["max_abs_diff"], (everywhere - ref_total).abs().max().item())

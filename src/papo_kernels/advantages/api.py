@@ -24,10 +24,14 @@ import math
 
 import torch
 
-from .._runtime import check_same_device, check_tensor, require, use_triton
-from . import naive
-from . import triton as fused
+from .._runtime import check_same_device, check_tensor, kernels_available, require
+from . import fused, naive
 from .types import GroupAdvantages, PAPOAdvantages, check_error
+
+GRPO_EPS = 1e-4
+"""Default ``eps`` of GRPO and GDPO, TRL's."""
+PAPO_EPS = 1e-6
+"""Default ``eps`` of PAPO, the official PAPO code's."""
 
 
 def _check_G(G, N: int, name: str) -> None:
@@ -55,7 +59,7 @@ def _check_rewards(rewards, G, weights) -> None:
 
 
 def _route(t: torch.Tensor) -> bool:
-    return t.numel() > 0 and use_triton(t)
+    return t.numel() > 0 and kernels_available(t)
 
 
 def _raise_now(error: torch.Tensor, validate: bool) -> bool:
@@ -80,23 +84,43 @@ def grpo_advantages(
     *,
     weights: torch.Tensor | None = None,
     scale: str = "group",
-    eps: float = 1e-4,
+    eps: float = GRPO_EPS,
     validate: bool = False,
 ) -> GroupAdvantages:
     """GRPO advantages, TRL's ``sum_then_normalize``.
 
-    ``r = nansum_k w_k r_k`` over the reward columns of ``rewards[N]`` or ``rewards[N, K]`` (a row whose columns
-    are all NaN is unscorable), then per group ``A = (r - mean_g) / (std + eps)`` with ``std`` the group std
-    (``scale="group"``), the batch std (``"batch"``) or no scaling (``"none"``). NaN rows get ``A = 0``.
-    Returns ``GroupAdvantages(advantages[N], mean[num_groups], std[num_groups], error)``; ``validate``: see the
-    module docstring.
+    ``r = nansum_k w_k r_k`` over the reward columns (a row whose columns are all NaN is unscorable), then per group
+    ``A = (r - mean_g) / (std + eps)``. NaN rows are left out of the statistics and get ``A = 0``.
+
+    Args:
+        rewards: ``[N]`` or ``[N, K]`` floating rewards, one column per reward function, group-contiguous (rows
+            ``g*G .. g*G+G-1`` answer prompt ``g``); NaN: the reward does not apply.
+        G: responses per prompt; must divide ``N``.
+        weights: ``[K]`` reward weights ``w_k``; ``None``: all 1.
+        scale: ``std`` is the group's (``"group"``), the batch's (``"batch"``), or none: centring only
+            (``"none"``, Dr. GRPO).
+        eps: added to ``std``.
+        validate: on CUDA, read the value-error flag now (one synchronisation); see the module docstring.
+
+    Returns:
+        ``GroupAdvantages(advantages[N], mean[N // G], std[N // G], error)``, fp64 for fp64 rewards, else fp32.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import grpo_advantages
+        >>> rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, float("nan"), 0.0, 1.0])  # two prompts, G = 4
+        >>> out = grpo_advantages(rewards, G=4)
+        >>> out.advantages
+        tensor([ 1.2244, -1.2244,  0.0000,  0.0000,  0.9999,  0.0000, -0.9999,  0.0000])
+        >>> out.mean, out.std
+        (tensor([0.5000, 1.0000]), tensor([0.4082, 1.0000]))
     """
     _check_rewards(rewards, G, weights)
     require(scale in ("group", "batch", "none"), "`scale` must be 'group', 'batch' or 'none', got {!r}", scale)
     _check_eps(eps)
     if _route(rewards):
-        return _finish(fused.grpo_advantages(rewards, G, weights, scale, eps), validate)
-    return _finish(naive.grpo_advantages(rewards, G, weights=weights, scale=scale, eps=eps), validate)
+        return _finish(fused.fused_grpo_advantages(rewards, G, weights, scale, eps), validate)
+    return _finish(naive.naive_grpo_advantages(rewards, G, weights=weights, scale=scale, eps=eps), validate)
 
 
 def gdpo_advantages(
@@ -104,20 +128,37 @@ def gdpo_advantages(
     G: int,
     *,
     weights: torch.Tensor | None = None,
-    eps: float = 1e-4,
+    eps: float = GRPO_EPS,
     validate: bool = False,
 ) -> GroupAdvantages:
     """GDPO advantages, TRL's ``normalize_then_sum``.
 
     Per reward column ``a_k = (r_k - mean_gk) / (std_gk + eps)`` within each group, ``a = nansum_k w_k a_k``, then
     over the whole batch ``A = (a - mean(a)) / (std(a) + eps)``. Unscorable rows (all NaN) get ``A = 0``.
-    Returns ``GroupAdvantages(advantages[N], mean[num_groups, K], std[num_groups, K], error)``.
+
+    Args:
+        rewards: ``[N, K]`` (or ``[N]``) floating rewards, group-contiguous, one column per reward function; NaN:
+            not applicable.
+        G: group size, a divisor of ``N``.
+        weights: ``[K]`` weights of the normalised columns; ``None``: all 1.
+        eps: added to every std, per column and over the batch.
+        validate: on CUDA, check the inputs' values at once (a synchronisation) instead of carrying the flag.
+
+    Returns:
+        ``GroupAdvantages(advantages[N], mean[N // G, K], std[N // G, K], error)``: the per-column group statistics.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import gdpo_advantages
+        >>> rewards = torch.tensor([[1.0, 0.2], [0.0, 0.4], [1.0, 0.6], [0.0, 0.8]])  # accuracy, format; G = 2
+        >>> gdpo_advantages(rewards, G=2, weights=torch.tensor([1.0, 0.5])).advantages
+        tensor([ 0.8658, -0.8658,  0.8658, -0.8658])
     """
     _check_rewards(rewards, G, weights)
     _check_eps(eps)
     if _route(rewards):
-        return _finish(fused.gdpo_advantages(rewards, G, weights, eps), validate)
-    return _finish(naive.gdpo_advantages(rewards, G, weights=weights, eps=eps), validate)
+        return _finish(fused.fused_gdpo_advantages(rewards, G, weights, eps), validate)
+    return _finish(naive.naive_gdpo_advantages(rewards, G, weights=weights, eps=eps), validate)
 
 
 def papo_advantages(
@@ -127,7 +168,7 @@ def papo_advantages(
     G: int,
     *,
     lambda_process: float = 1.0,
-    eps: float = 1e-6,
+    eps: float = PAPO_EPS,
     scale_by_std: bool = True,
     process_norm: str = "correct",
     validate: bool = False,
@@ -138,9 +179,33 @@ def papo_advantages(
     ``A_proc = (p - mean_c p) / (std_c p + eps)`` over the *correct* responses that have a process score
     (NaN = not scored) if at least two exist and ``std_c > eps``, else 0; incorrect responses get 0, so a wrong
     answer cannot earn credit from the judge, and an all-correct group (``A_out = 0``) still has a signal.
-    ``scale_by_std=False`` centres without scaling (Dr.GRPO). ``process_norm="all"`` normalises ``p`` over all
-    ``G`` responses (the full-normalisation ablation). ``outcome`` must be finite; ``correct`` is non-zero for a
-    correct response. ``validate``: see the module docstring.
+
+    Args:
+        outcome: ``[N]`` finite outcome rewards ``o`` (ORM), group-contiguous.
+        process: ``[N]`` process scores ``p`` (PRM, e.g. a rubric judge), same dtype; NaN: not scored.
+        correct: ``[N]`` correctness, non-zero (or ``True``) for a correct response; no NaN.
+        G: responses per prompt, dividing ``N``.
+        lambda_process: weight of ``A_proc``.
+        eps: added to both stds, and the threshold of the ``std > eps`` gates.
+        scale_by_std: ``False`` centres without scaling (the Dr. GRPO variant, same gates).
+        process_norm: ``"correct"``, or ``"all"``: ``p`` normalised over all ``G`` responses (the
+            full-normalisation ablation).
+        validate: on CUDA, raise on bad values now, at the cost of a synchronisation (module docstring).
+
+    Returns:
+        ``PAPOAdvantages``: ``total``, ``outcome`` (``A_out``), ``process`` (``A_proc``), ``[N]`` each, and the
+        per-group statistics and gates.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import papo_advantages
+        >>> outcome = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0.0])  # one prompt, G = 8
+        >>> process = torch.tensor([1, 1, 0.5, 0, 0, 0, 0, 0.0])
+        >>> adv = papo_advantages(outcome, process, correct=outcome > 0, G=8)
+        >>> adv.total
+        tensor([ 1.7850,  1.7850,  0.0529, -0.7246, -0.7246, -0.7246, -0.7246, -0.7246])
+        >>> adv.process  # normalised over the three correct responses only
+        tensor([ 0.5773,  0.5773, -1.1547,  0.0000,  0.0000,  0.0000,  0.0000,  0.0000])
     """
     check_tensor("outcome", outcome, ndim=1, floating=True)
     check_tensor("process", process, ndim=1, floating=True)
@@ -158,9 +223,11 @@ def papo_advantages(
     )  # fmt: skip
     _check_eps(eps)
     if _route(outcome):
-        out = fused.papo_advantages(outcome, process, correct, G, lambda_process, eps, bool(scale_by_std), process_norm)
+        out = fused.fused_papo_advantages(
+            outcome, process, correct, G, lambda_process, eps, bool(scale_by_std), process_norm
+        )
     else:
-        out = naive.papo_advantages(
+        out = naive.naive_papo_advantages(
             outcome, process, correct, G,
             lambda_process=lambda_process, eps=eps, scale_by_std=scale_by_std, process_norm=process_norm,
         )  # fmt: skip
@@ -168,24 +235,56 @@ def papo_advantages(
 
 
 def dynamic_sampling_mask(outcome: torch.Tensor, G: int, *, validate: bool = False) -> torch.Tensor:
-    """DAPO dynamic sampling: ``keep[num_groups]``, True iff the group's outcome rewards are not all equal."""
-    check_tensor("outcome", outcome, ndim=1)
-    _check_G(G, outcome.shape[0], "outcome")
-    if _route(outcome):
-        keep, _, error = fused.group_counts(outcome, G, "finite" if outcome.is_floating_point() else None)
-    else:
-        keep, error = naive.dynamic_sampling_mask(outcome, G), naive.value_errors(outcome=outcome)
-    _check_values(error, validate and outcome.is_floating_point())  # nothing to read for bool or integer values
-    return keep
+    """DAPO dynamic sampling: keep a group iff its outcome rewards are not all equal (an all-equal group has no
+    GRPO signal).
+
+    Args:
+        outcome: ``[N]`` outcome rewards (floating: finite; or bool / integer), group-contiguous.
+        G: responses per prompt; divides ``N``.
+        validate: on CUDA, check that a floating ``outcome`` is finite (one synchronisation); CPU always checks.
+
+    Returns:
+        ``keep[N // G]``, bool.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import dynamic_sampling_mask
+        >>> dynamic_sampling_mask(torch.tensor([1.0, 1.0, 0.0, 1.0]), G=2)
+        tensor([False,  True])
+    """
+    return _group_counts("outcome", outcome, G, validate)[0]
 
 
 def pass_rate_buckets(correct: torch.Tensor, G: int, *, validate: bool = False) -> torch.Tensor:
-    """DARO pass-rate buckets: ``k[num_groups]`` = number of correct responses per group (pass rate ``k / G``)."""
-    check_tensor("correct", correct, ndim=1)
-    _check_G(G, correct.shape[0], "correct")
-    if _route(correct):
-        _, buckets, error = fused.group_counts(correct, G, "nan" if correct.is_floating_point() else None)
+    """DARO pass-rate buckets: the number ``k`` of correct responses in each group (pass rate ``k / G``).
+
+    Args:
+        correct: ``[N]`` correctness (bool, integer, or floating without NaN; non-zero is correct), group-contiguous.
+        G: the group size (a divisor of ``N``).
+        validate: on CUDA, check a floating ``correct`` for NaN now (one synchronisation); CPU always checks.
+
+    Returns:
+        ``k[N // G]``, int64 in ``0..G``.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import pass_rate_buckets
+        >>> pass_rate_buckets(torch.tensor([True, True, False, True, False, False]), G=3)
+        tensor([2, 1])
+    """
+    return _group_counts("correct", correct, G, validate)[1]
+
+
+def _group_counts(name: str, x: torch.Tensor, G: int, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of ``x`` (the argument ``name``): whether its values vary, and how many are non-zero; a floating
+    ``x`` is value-checked as ``name`` (``outcome``: finite, ``correct``: no NaN)."""
+    check_tensor(name, x, ndim=1)
+    _check_G(G, x.shape[0], name)
+    floating = x.is_floating_point()
+    if _route(x):
+        varies, count, error = fused.group_counts(x, G, name if floating else None)
     else:
-        buckets, error = naive.pass_rate_buckets(correct, G), naive.value_errors(correct=correct)
-    _check_values(error, validate and correct.is_floating_point())
-    return buckets
+        varies, count = naive.naive_dynamic_sampling_mask(x, G), naive.naive_pass_rate_buckets(x, G)
+        error = naive.value_errors(**{name: x})
+    _check_values(error, validate and floating)  # nothing to read for bool or integer values
+    return varies, count

@@ -5,12 +5,16 @@ Every std is the unbiased (Bessel, n-1) estimate over the non-NaN entries, NaN w
 exactly as TRL's ``nanstd``. NaN marks an unscorable reward (a reward function returned ``None``).
 Arithmetic is fp64 whatever the input dtype; results are fp64 for fp64 inputs, else fp32. Each result carries
 the value-error flag of :mod:`.types` (:func:`value_errors`), which the caller checks.
+
+Each ``naive_*`` function is the reference of the public function without the prefix (``api.py``), which checks the
+arguments and holds the defaults: here every option is required.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._runtime import compute_dtype
 from . import types
 from .types import GroupAdvantages, PAPOAdvantages
 
@@ -52,24 +56,41 @@ def value_errors(
     return flag
 
 
-def _combine(rewards: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Weighted nansum over reward columns; a row with every column NaN is NaN (unscorable)."""
+def weighted_nansum(rewards: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_k w_k r_k`` over the non-NaN reward columns: several reward functions made one reward, as TRL sums them.
+
+    Args:
+        rewards: ``[N, K]`` rewards, one column per reward function (or ``[N]``, one column); NaN marks a reward
+            that does not apply.
+        weights: ``[K]`` weights ``w_k`` (any device and dtype: moved to the rewards'); ``None``: all 1.
+
+    Returns:
+        ``[N]``, in the rewards' dtype: the weighted sum of each row's non-NaN rewards, NaN where every column is NaN
+        (an unscorable row).
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels.advantages import weighted_nansum
+        >>> nan = float("nan")
+        >>> weighted_nansum(torch.tensor([[1.0, 2.0], [nan, 2.0], [nan, nan]]), torch.tensor([1.0, 0.5]))
+        tensor([2., 1., nan])
+    """
     if rewards.dim() == 1:
         rewards = rewards[:, None]
     w = torch.ones(rewards.shape[1], dtype=rewards.dtype, device=rewards.device) if weights is None else weights
-    total = (rewards * w.to(rewards.dtype)).nansum(dim=1)
+    total = (rewards * w.to(rewards)).nansum(dim=1)
     return total.masked_fill(torch.isnan(rewards).all(dim=1), float("nan"))
 
 
-def grpo_advantages(
-    rewards: torch.Tensor, G: int, *, weights: torch.Tensor | None = None, scale: str = "group", eps: float = 1e-4
+def naive_grpo_advantages(
+    rewards: torch.Tensor, G: int, *, weights: torch.Tensor | None, scale: str, eps: float
 ) -> GroupAdvantages:
     """TRL ``sum_then_normalize``: ``r = nansum_k w_k r_k``, ``A = (r - mean_g(r)) / (std(r) + eps)``.
 
     ``std`` is the group std (``scale="group"``), the batch std (``"batch"``) or unused (``"none"``: centering
     only). NaN rewards are left out of mean and std and get ``A = 0``; so does a group with one scorable response.
     """
-    x = _combine(rewards.double(), weights)
+    x = weighted_nansum(rewards.double(), weights)
     grouped = x.view(-1, G)
     mean = torch.nanmean(grouped, dim=1)
     if scale == "batch":
@@ -79,13 +100,13 @@ def grpo_advantages(
     adv = grouped - mean[:, None]
     if scale != "none":
         adv = adv / (std[:, None] + eps)
-    out = rewards.dtype if rewards.dtype == torch.float64 else torch.float32
+    out = compute_dtype(rewards)
     error = value_errors(rewards=rewards, weights=weights)
     return GroupAdvantages(torch.nan_to_num(adv.reshape(-1), nan=0.0).to(out), mean.to(out), std.to(out), error)
 
 
-def gdpo_advantages(
-    rewards: torch.Tensor, G: int, *, weights: torch.Tensor | None = None, eps: float = 1e-4
+def naive_gdpo_advantages(
+    rewards: torch.Tensor, G: int, *, weights: torch.Tensor | None, eps: float
 ) -> GroupAdvantages:
     """TRL ``normalize_then_sum`` (GDPO): per column ``a_k = (r_k - mean_gk) / (std_gk + eps)``,
     ``a = nansum_k w_k a_k``, then over the batch ``A = (a - mean(a)) / (std(a) + eps)``.
@@ -102,7 +123,7 @@ def gdpo_advantages(
     a = (a * w.to(a.device)).nansum(dim=1).masked_fill(torch.isnan(r).all(dim=1), float("nan"))
     batch_std = nanstd(a) if a.numel() > 1 else a.new_zeros(())
     adv = torch.nan_to_num((a - torch.nanmean(a)) / (batch_std + eps), nan=0.0)
-    out = rewards.dtype if rewards.dtype == torch.float64 else torch.float32
+    out = compute_dtype(rewards)
     return GroupAdvantages(adv.to(out), mean.to(out), std.to(out), value_errors(rewards=rewards, weights=weights))
 
 
@@ -119,17 +140,10 @@ def _gated_normalize(x: torch.Tensor, valid: torch.Tensor, eps: float, scale_by_
     return values, mean, std, active
 
 
-def papo_advantages(
-    outcome: torch.Tensor,
-    process: torch.Tensor,
-    correct: torch.Tensor,
-    G: int,
-    *,
-    lambda_process: float = 1.0,
-    eps: float = 1e-6,
-    scale_by_std: bool = True,
-    process_norm: str = "correct",
-) -> PAPOAdvantages:
+def naive_papo_advantages(
+    outcome: torch.Tensor, process: torch.Tensor, correct: torch.Tensor, G: int,
+    *, lambda_process: float, eps: float, scale_by_std: bool, process_norm: str,
+) -> PAPOAdvantages:  # fmt: skip
     """PAPO's decoupled advantages, ``A_total = A_out + lambda_process * A_proc``.
 
     ``A_out = (o - mean_g o) / (std_g o + eps)`` over all G responses if ``G > 1`` and ``std > eps``, else 0.
@@ -146,7 +160,7 @@ def papo_advantages(
     a_proc, p_mean, p_std, active = _gated_normalize(torch.nan_to_num(p), pool, eps, scale_by_std)
     # nanmean over an empty pool is NaN; keep the stats of the scored pool only
     p_mean = torch.where(pool.any(dim=1), p_mean, torch.full_like(p_mean, float("nan")))
-    out = torch.float64 if outcome.dtype == torch.float64 else torch.float32
+    out = compute_dtype(outcome)
     total = a_out + lambda_process * a_proc
     f = lambda t: t.reshape(-1).to(out)  # noqa: E731
     return PAPOAdvantages(
@@ -163,12 +177,12 @@ def papo_advantages(
     )
 
 
-def dynamic_sampling_mask(outcome: torch.Tensor, G: int) -> torch.Tensor:
+def naive_dynamic_sampling_mask(outcome: torch.Tensor, G: int) -> torch.Tensor:
     """DAPO dynamic sampling: per group, True iff its outcome rewards are not all equal."""
     o = outcome.view(-1, G)
     return (o != o[:, :1]).any(dim=1)
 
 
-def pass_rate_buckets(correct: torch.Tensor, G: int) -> torch.Tensor:
+def naive_pass_rate_buckets(correct: torch.Tensor, G: int) -> torch.Tensor:
     """DARO pass-rate bucket per group: the number of correct responses, in ``0..G`` (pass rate ``k/G``)."""
     return (correct.view(-1, G) != 0).sum(dim=1).to(torch.int64)

@@ -33,12 +33,31 @@ def check_error(error: torch.Tensor | int | None) -> None:
         raise ValueError("; ".join(msg for bit, msg in MESSAGES.items() if code & bit))
 
 
-class GroupAdvantages(NamedTuple):
-    """``advantages[N]`` and the statistics they were normalised with.
+def _check(result):
+    """Raise ``ValueError`` if the inputs failed a value check (a sync on CUDA); else return the result itself."""
+    check_error(result.error)
+    return result
 
-    GRPO: ``mean``/``std`` ``[num_groups]`` of the combined reward (``std`` is the batch std under
-    ``scale="batch"``). GDPO: ``[num_groups, K]``, one column per reward function. ``error``: the value-error
-    flag (see :func:`check_error`); :meth:`check` raises on it.
+
+class GroupAdvantages(NamedTuple):
+    """What :func:`~papo_kernels.grpo_advantages` and :func:`~papo_kernels.gdpo_advantages` return: the advantages
+    and the statistics they were normalised with.
+
+    Args:
+        advantages: ``[N]``, 0 for unscorable rows.
+        mean: GRPO: ``[num_groups]``, the group mean of the combined reward; GDPO: ``[num_groups, K]``, one column
+            per reward function.
+        std: shaped as ``mean``; GRPO under ``scale="batch"``: the batch std, repeated.
+        error: the value-error flag (see :func:`check_error`), checked by :meth:`check`.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import grpo_advantages
+        >>> out = grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), G=2)
+        >>> out.std  # the second group is constant: A = 0
+        tensor([0.7071, 0.0000])
+        >>> out.check() is out  # raises on bad input values (a sync on CUDA)
+        True
     """
 
     advantages: torch.Tensor
@@ -46,18 +65,33 @@ class GroupAdvantages(NamedTuple):
     std: torch.Tensor
     error: torch.Tensor | None = None
 
-    def check(self) -> GroupAdvantages:
-        """Raise ``ValueError`` if the inputs failed a value check (a sync on CUDA); else return ``self``."""
-        check_error(self.error)
-        return self
+    check = _check
 
 
 class PAPOAdvantages(NamedTuple):
-    """PAPO's advantages ``[N]`` and per-group statistics ``[num_groups]``.
+    """What :func:`~papo_kernels.papo_advantages` returns: PAPO's advantages ``[N]`` and per-group statistics
+    ``[num_groups]``.
 
-    ``process_mean``/``process_std`` are over the responses ``A_proc`` is normalised over (the correct,
-    scored ones by default); ``process_active`` says whether ``A_proc`` is non-zero for that group. ``error``:
-    the value-error flag (see :func:`check_error`); :meth:`check` raises on it.
+    Args:
+        total: ``A_out + lambda_process * A_proc``, what the loss uses.
+        outcome: ``A_out``.
+        process: ``A_proc``, 0 for incorrect responses.
+        outcome_mean, outcome_std: the outcome reward's group statistics.
+        process_mean, process_std: over the responses ``A_proc`` is normalised over (the correct, scored ones by
+            default); NaN where there are none (mean) or fewer than two (std).
+        num_correct: int32, the correct responses per group.
+        process_active: bool, whether ``A_proc`` is non-zero for the group (the gates passed).
+        error: the value-error flag (see :func:`check_error`), checked by :meth:`check`.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import papo_advantages
+        >>> outcome = torch.tensor([1, 1, 0, 0.0])  # two prompts, G = 2: all correct, all wrong
+        >>> adv = papo_advantages(outcome, torch.tensor([1, 0.5, 0, 0.0]), outcome > 0, G=2)
+        >>> adv.outcome, adv.process  # an all-correct group still learns from its process scores
+        (tensor([0., 0., 0., 0.]), tensor([ 0.7071, -0.7071,  0.0000,  0.0000]))
+        >>> adv.num_correct, adv.process_active
+        (tensor([2, 0], dtype=torch.int32), tensor([ True, False]))
     """
 
     total: torch.Tensor
@@ -71,7 +105,4 @@ class PAPOAdvantages(NamedTuple):
     process_active: torch.Tensor
     error: torch.Tensor | None = None
 
-    def check(self) -> PAPOAdvantages:
-        """Raise ``ValueError`` if the inputs failed a value check (a sync on CUDA); else return ``self``."""
-        check_error(self.error)
-        return self
+    check = _check

@@ -3,7 +3,11 @@
 from .config import LOSS_TYPES, PolicyLossConfig, PolicyLossOutput
 from .fused_linear import fused_linear_policy_loss, linear_logits
 from .logits import policy_loss
-from .naive import loss_from_logps, policy_loss_reference, token_logps_and_entropy
+from .naive import (
+    loss_from_logps,
+    naive_policy_loss,
+    token_logps_and_entropy,
+)
 
 __all__ = [
     "LOSS_TYPES",
@@ -12,7 +16,7 @@ __all__ = [
     "fused_linear_policy_loss",
     "linear_logits",
     "loss_from_logps",
+    "naive_policy_loss",
     "policy_loss",
-    "policy_loss_reference",
     "token_logps_and_entropy",
 ]

@@ -5,7 +5,8 @@ entropy, KL, clip flags, VESPO weight, entropy over the bonus tokens). Single ph
 evaluated every token's terms and this sums them. Two phases, it first gathers the sequence's statistics of the
 current log-probs (GSPO's mean log-ratio; VESPO's ``ln w``: the masked sum of the log-ratios clamped to [-20, 20]
 plus the IS-ratio log sum; the off-policy mask's mean of ``sampling_logps - logp``), then evaluates each token's
-terms under the off-policy and high-entropy masks and writes the coefficients ``G`` (and the bonus flags).
+terms under the off-policy and high-entropy masks and writes each token's ``DLOGP`` (``dL/dlogp``, before the
+aggregation weight) and bonus flag.
 
 ``_count_kernel`` (one program per sequence) is the single-phase path's pre-pass: the mask sums the aggregation
 weights need. ``_quantile_kernel`` (one program) reads the batch's fp32 entropies, sorted with the masked ones at
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .terms import (
+    BNPO,
     C_BONUS,
     C_BONUS_N,
     C_ENT,
@@ -32,7 +34,15 @@ from .terms import (
     C_PHI,
     C_REGION,
     C_TOKENS,
+    CISPO,
+    DAPO,
+    DR_GRPO,
     F_BONUS,
+    F_CLIPPED,
+    F_HIGH,
+    F_LOW,
+    GRPO,
+    LN_W_MAX,
     N_PART,
     O_BONUS,
     O_BONUS_N,
@@ -52,6 +62,8 @@ from .terms import (
     P_MAXLEN,
     P_OPM,
     P_QUANTILE,
+    SAPO,
+    VESPO,
     _gamma,
     _load_inputs,
     _policy_terms,
@@ -91,11 +103,11 @@ def _sequence_stats(
         if SEQ_LEVEL:
             lr += tl.where(on, m * (logp - old), 0.0)
         if VESPO:
-            vl += tl.where(on, m * _clamp(logp - old, -20.0, 20.0), 0.0)
+            vl += tl.where(on, m * _clamp(logp - old, -LN_W_MAX, LN_W_MAX), 0.0)
             if VESPO_ISR:  # every entry of the IS ratio counts, masked or not (TRL)
                 isr_in = inb & (t < T_isr)
                 isr = tl.load(ISR + b * sib + t * sit, mask=isr_in, other=1.0).to(vz.dtype)
-                vi += tl.where(isr_in, _clamp(tl.log(isr), ln_low, 20.0), 0.0)
+                vi += tl.where(isr_in, _clamp(tl.log(isr), ln_low, LN_W_MAX), 0.0)
         if OFF_POLICY:
             samp = old
             if HAS_SAMP:
@@ -106,13 +118,13 @@ def _sequence_stats(
             okl += tl.where(on, m * d, 0.0)
     n = tl.maximum(tl.sum(cnt, axis=0), 1.0)
     R = tl.exp(tl.sum(lr, axis=0) / n)
-    ln_w = _clamp(tl.sum(vl, axis=0) + tl.sum(vi, axis=0), ln_low, 20.0)
+    ln_w = _clamp(tl.sum(vl, axis=0) + tl.sum(vi, axis=0), ln_low, LN_W_MAX)
     return R, ln_w, tl.sum(okl, axis=0) / n
 
 
 @triton.jit(do_not_specialize=["T", "sab", "sat", "sib", "sit", "T_isr", "per_seq_flags", "phi_per_seq"])
 def _sequence_kernel(
-    LOGP, ENT, G, PTL, KL, FLAGS, MASK, ADV, sab, sat, OLD, REF, ISR, sib, sit, T_isr, SAMP, PART, OUT, P, T,
+    LOGP, ENT, DLOGP, PTL, KL, FLAGS, MASK, ADV, sab, sat, OLD, REF, ISR, sib, sit, T_isr, SAMP, PART, OUT, P, T,
     per_seq_flags, phi_per_seq,
     TWO_PHASE: tl.constexpr, SEQ_LEVEL: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr,
     HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr,
@@ -126,7 +138,7 @@ def _sequence_kernel(
     if TWO_PHASE:
         R, ln_w, mean_kl = _sequence_stats(
             LOGP, MASK, OLD, ISR, sib, sit, T_isr, SAMP, P, b, T, vz,
-            SEQ_LEVEL, LOSS == 7, HAS_OLD, VESPO_ISR, OFF_POLICY, HAS_SAMP, BLOCK_T,
+            SEQ_LEVEL, LOSS == VESPO, HAS_OLD, VESPO_ISR, OFF_POLICY, HAS_SAMP, BLOCK_T,
         )  # fmt: skip
         near = (vz + mean_kl) <= tl.load(P + P_OPM)
         threshold = tl.load(OUT + O_THRESHOLD)
@@ -146,7 +158,7 @@ def _sequence_kernel(
                 keep = tl.where(bonus, keep, 0.0)
                 tl.store(FLAGS + p, tl.where(bonus, F_BONUS, 0), mask=inb)
             phi = vz + 1.0
-            if LOSS == 7:
+            if LOSS == VESPO:
                 phi = _gamma(ln_w, adv, P)
                 phis += tl.where(on, m * phi, 0.0)
             if SEQ_LEVEL:
@@ -170,7 +182,7 @@ def _sequence_kernel(
                 g = d_lp
             else:
                 g = d_lp + d_r * r
-            tl.store(G + p, tl.where(on, m * g, 0.0), mask=inb)
+            tl.store(DLOGP + p, tl.where(on, m * g, 0.0), mask=inb)
         if SEQ_LEVEL:  # every token's share of the sequence ratio's gradient
             coef = tl.sum(s_r, axis=0) * R / tl.maximum(tl.sum(cnt, axis=0), 1.0)
             for t0 in range(0, T, BLOCK_T):
@@ -178,7 +190,7 @@ def _sequence_kernel(
                 inb = t < T
                 p = b * T + t
                 m = tl.load(MASK + p, mask=inb, other=0).to(vz.dtype)
-                tl.store(G + p, tl.load(G + p, mask=inb, other=0.0) + m * coef, mask=inb)
+                tl.store(DLOGP + p, tl.load(DLOGP + p, mask=inb, other=0.0) + m * coef, mask=inb)
         adv0 = tl.load(ADV + b * sab).to(vz.dtype)
         if per_seq_flags != 0:  # one flag per sequence (TRL's [B, 1] ratio with [B] advantages): not token-weighted
             one = vz + 1.0
@@ -186,7 +198,7 @@ def _sequence_kernel(
             lows = tl.where(offs == 0, low0.to(vz.dtype), 0.0)
             highs = tl.where(offs == 0, high0.to(vz.dtype), 0.0)
             regs = tl.where(offs == 0, (low0 | high0).to(vz.dtype), 0.0)
-        if LOSS == 7 and phi_per_seq != 0:  # TRL's [B, 1] weight: one per sequence, masked or not
+        if LOSS == VESPO and phi_per_seq != 0:  # TRL's [B, 1] weight: one per sequence, masked or not
             phis = tl.where(offs == 0, _gamma(ln_w, adv0, P), 0.0)
     else:
         for t0 in range(0, T, BLOCK_T):
@@ -199,9 +211,9 @@ def _sequence_kernel(
             ents += m * tl.load(ENT + p, mask=inb, other=0.0)
             kls += m * tl.load(KL + p, mask=inb, other=0.0)
             f = tl.load(FLAGS + p, mask=inb, other=0)
-            lows += m * (f & 1).to(vz.dtype)
-            highs += m * ((f >> 1) & 1).to(vz.dtype)
-            regs += m * ((f & 3) != 0).to(vz.dtype)
+            lows += m * ((f & F_LOW) != 0).to(vz.dtype)
+            highs += m * ((f & F_HIGH) != 0).to(vz.dtype)
+            regs += m * ((f & F_CLIPPED) != 0).to(vz.dtype)
         bon, bon_n = ents, cnt
     out = PART + b * N_PART
     tl.store(out + C_LOSS, tl.sum(seql, axis=0))
@@ -284,13 +296,13 @@ def _finalize_kernel(
         tokens = tl.load(PART + row * N_PART + C_TOKENS, mask=inb, other=0.0)
         if HAS_SCALE:
             w = tl.load(SEQ_SCALE + row, mask=inb, other=0.0).to(vz.dtype)
-        elif LOSS == 0 or LOSS == 5:  # grpo, sapo: mean over sequences of the token mean
+        elif LOSS == GRPO or LOSS == SAPO:  # grpo, sapo: mean over sequences of the token mean
             w = 1.0 / (nb * tl.maximum(tokens, 1.0))
-        elif LOSS == 1:  # bnpo: token mean
+        elif LOSS == BNPO:  # bnpo: token mean
             w = vz + 1.0 / count
-        elif LOSS == 2:  # dr_grpo: sum / (B * max_completion_length)
+        elif LOSS == DR_GRPO:  # dr_grpo: sum / (B * max_completion_length)
             w = vz + 1.0 / (nb * tl.load(P + P_MAXLEN))
-        elif LOSS == 3 or LOSS == 4 or LOSS == 7:  # dapo, cispo, vespo: sum / num_items_in_batch
+        elif LOSS == DAPO or LOSS == CISPO or LOSS == VESPO:  # dapo, cispo, vespo: sum / num_items_in_batch
             w = vz + 1.0 / norm
         else:  # luspo: mean over sequences of the token sum
             w = vz + 1.0 / nb

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -11,57 +12,86 @@ import torch
 from .._runtime import require
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+"""Every ``loss_type`` (TRL 1.16's): the one list, which ``papo_trl`` imports and the kernels number (``terms.py``)."""
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+"""The loss types with PPO's clipped surrogate (and TRL's ``clip_ratio/*`` metrics)."""
 IS_LEVELS = ("token", "sequence")
+# VESPO's sequence log-ratio ``ln w`` and gamma weight (TRL's constants)
+VESPO_LN_W_MAX = 20.0  # every clamp of ``ln w`` and of its terms is at most this
+VESPO_IS_RATIO_MIN = 1e-8  # the IS ratio's log and ``ln w`` are at least ``ln`` of this
+VESPO_LAMBDA_MIN = 1e-4  # floor of the gamma weight's ``lambda``
+TRL_NAMES = {"epsilon_low": "epsilon"}
+"""``PolicyLossConfig`` fields that TRL's ``GRPOConfig`` names differently; every other field has TRL's name."""
 
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """The loss hyper-parameters, named and defaulted as in TRL's ``GRPOConfig``.
+    """The loss hyper-parameters, named and defaulted as in TRL's ``GRPOConfig`` (this class is where the kernels'
+    defaults live; ``PAPOTrainer`` reads TRL's fields through :meth:`from_trainer_args`).
 
-    Attributes:
-        loss_type: ``"dapo"`` (default). Per-token loss and aggregation: ``grpo``/``sapo`` mean of per-sequence
+    Args:
+        loss_type: one of :data:`LOSS_TYPES`. Per-token loss and aggregation: ``grpo``/``sapo`` mean of per-sequence
             token means; ``bnpo`` token mean; ``dr_grpo`` sum / (B * max_completion_length); ``dapo``/``cispo``/
             ``vespo`` sum / num_items_in_batch; ``luspo`` mean over sequences of the token sum.
-        epsilon_low: ``0.2``. Lower clip: ``clip(r, 1 - epsilon_low, 1 + epsilon_high)`` (TRL's ``epsilon``).
-        epsilon_high: ``None`` (= ``epsilon_low``). Upper clip (DAPO clip-higher); for ``cispo`` the cap on the
-            detached ratio, ``min(r, epsilon_high)``.
-        delta: ``None``. Two-sided clipping (INTELLECT-2): the unclipped ratio is capped at ``delta``.
-        beta: ``0.0``. Weight of the k3 KL to the reference, ``exp(ref - logp) - (ref - logp) - 1``.
-        use_bias_correction_kl: ``False``. Multiply the KL term by the importance ratio.
-        importance_sampling_level: ``"token"`` (default) ratio per token, or ``"sequence"`` (GSPO): one ratio per
-            sequence, ``exp(masked mean of logp - old_logp)``.
-        temperature: ``1.0``. The logits are divided by it before the softmax.
-        max_completion_length: ``None``. The ``dr_grpo`` normaliser (required for that loss type).
-        entropy_coef: ``0.0``. Entropy bonus: ``loss -= entropy_coef * masked token-mean entropy`` (over the tokens
-            the policy term keeps when ``top_entropy_quantile < 1``). Adaptive entropy control (TRL's
-            ``use_adaptive_entropy``) passes the coefficient it applies to this micro-batch here.
-        sapo_temperature_pos: ``1.0``. SAPO gate temperature for positive advantages.
-        sapo_temperature_neg: ``1.05``. SAPO gate temperature for non-positive advantages.
-        vespo_k_pos, vespo_lambda_pos: ``2.0``, ``3.0``. VESPO's gamma weight ``phi(w) = exp(lambda (1 - w)) w^k``
-            of the sequence ratio ``w`` for advantages ``>= 0``.
-        vespo_k_neg, vespo_lambda_neg: ``3.0``, ``2.0``. The same for negative advantages.
-        top_entropy_quantile: ``1.0``. Keep in the policy term (and the entropy bonus) only the tokens whose entropy
-            is at or above the ``1 - top_entropy_quantile`` quantile of the batch's token entropies.
-        off_policy_mask_threshold: ``None``. Off-policy sequence mask: drop the policy term of a token whose
-            advantage is negative and whose sequence's mean ``sampling_logps - logp`` exceeds the threshold.
+        epsilon_low: lower clip, ``clip(r, 1 - epsilon_low, 1 + epsilon_high)`` (TRL's ``epsilon``).
+        epsilon_high: upper clip (DAPO clip-higher); ``None`` means ``epsilon_low`` (see :attr:`eps_high`). For
+            ``cispo`` the cap on the detached ratio, ``min(r, epsilon_high)``.
+        delta: two-sided clipping (INTELLECT-2): the unclipped ratio is capped at ``delta``; ``None``: no cap.
+        beta: weight of the k3 KL to the reference, ``exp(ref - logp) - (ref - logp) - 1``.
+        use_bias_correction_kl: multiply the KL term by the importance ratio.
+        importance_sampling_level: ``"token"``: a ratio per token; ``"sequence"`` (GSPO): one ratio per sequence,
+            ``exp(masked mean of logp - old_logp)``.
+        temperature: the logits are divided by it before the softmax.
+        max_completion_length: the ``dr_grpo`` normaliser (required for that loss type).
+        entropy_coef: entropy bonus, ``loss -= entropy_coef * masked token-mean entropy`` (over the tokens the policy
+            term keeps when ``top_entropy_quantile < 1``). Adaptive entropy control (TRL's ``use_adaptive_entropy``)
+            passes the coefficient it applies to this micro-batch here.
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's gate temperatures for positive and non-positive
+            advantages.
+        vespo_k_pos, vespo_lambda_pos: VESPO's gamma weight ``phi(w) = exp(lambda (1 - w)) w^k`` of the sequence ratio
+            ``w`` for advantages ``>= 0``.
+        vespo_k_neg, vespo_lambda_neg: the same for negative advantages.
+        top_entropy_quantile: keep in the policy term (and the entropy bonus) only the tokens whose entropy is at or
+            above the ``1 - top_entropy_quantile`` quantile of the batch's token entropies; ``1.0`` keeps all.
+        off_policy_mask_threshold: off-policy sequence mask: drop the policy term of a token whose advantage is
+            negative and whose sequence's mean ``sampling_logps - logp`` exceeds the threshold; ``None``: no mask.
+
+    Returns:
+        A frozen, hashable config; bad values raise ``ValueError`` naming the field.
+
+    Examples:
+        >>> from papo_kernels import PolicyLossConfig
+        >>> cfg = PolicyLossConfig(loss_type="grpo", epsilon_high=0.28)
+        >>> cfg.epsilon_low, cfg.eps_high
+        (0.2, 0.28)
+        >>> PolicyLossConfig(loss_type="ppo")
+        Traceback (most recent call last):
+        ...
+        ValueError: `loss_type` must be one of ('grpo', 'bnpo', ...), got 'ppo'
     """
 
     loss_type: str = "dapo"
+    # the ratio's clip
     epsilon_low: float = 0.2
     epsilon_high: float | None = None
     delta: float | None = None
+    # KL to the reference
     beta: float = 0.0
     use_bias_correction_kl: bool = False
+    # ratio level, logits, normalisation, entropy bonus
     importance_sampling_level: str = "token"
     temperature: float = 1.0
     max_completion_length: int | None = None
     entropy_coef: float = 0.0
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
+    # SAPO's gate -4 sigmoid(tau (r - 1)) / tau
+    sapo_temperature_pos: float = 1.0  # tau for A > 0
+    sapo_temperature_neg: float = 1.05  # tau for A <= 0
+    # VESPO's gamma weight phi(w) = exp(lambda (1 - w)) w^k
+    vespo_k_pos: float = 2.0  # k for A >= 0
+    vespo_lambda_pos: float = 3.0  # lambda for A >= 0
+    vespo_k_neg: float = 3.0  # k for A < 0
+    vespo_lambda_neg: float = 2.0  # lambda for A < 0
+    # token and sequence masks
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: float | None = None
 
@@ -113,32 +143,21 @@ class PolicyLossConfig:
             or self.off_policy_mask_threshold is not None or self.loss_type == "vespo"
         )  # fmt: skip
 
+    @property
+    def clipped(self) -> bool:
+        """Whether the loss type is PPO's clipped surrogate (one of :data:`CLIPPED_LOSS_TYPES`)."""
+        return self.loss_type in CLIPPED_LOSS_TYPES
+
     @classmethod
     def from_trainer_args(cls, args) -> PolicyLossConfig:
-        """Build from a TRL ``GRPOConfig`` (duck-typed: any object with its attribute names)."""
-        defaults = cls()
-        get = lambda name, default: getattr(args, name, default)  # noqa: E731
-        return cls(
-            loss_type=get("loss_type", defaults.loss_type),
-            epsilon_low=get("epsilon", get("epsilon_low", defaults.epsilon_low)),
-            epsilon_high=get("epsilon_high", None),
-            delta=get("delta", None),
-            beta=get("beta", defaults.beta),
-            use_bias_correction_kl=bool(get("use_bias_correction_kl", False)),
-            importance_sampling_level=get("importance_sampling_level", defaults.importance_sampling_level),
-            temperature=get("temperature", defaults.temperature),
-            max_completion_length=get("max_completion_length", None),
-            entropy_coef=get("entropy_coef", defaults.entropy_coef),
-            sapo_temperature_pos=get("sapo_temperature_pos", defaults.sapo_temperature_pos),
-            sapo_temperature_neg=get("sapo_temperature_neg", defaults.sapo_temperature_neg),
-            **{name: get(name, getattr(defaults, name)) for name in _TRL_EXTRA},
-        )
-
-
-_TRL_EXTRA = (
-    "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "top_entropy_quantile",
-    "off_policy_mask_threshold",
-)  # fmt: skip
+        """Build from a TRL ``GRPOConfig`` (duck-typed: any object with its attribute names, see :data:`TRL_NAMES`);
+        a field the object lacks keeps this class's default."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(args, f.name, f.default)
+            values[f.name] = getattr(args, TRL_NAMES[f.name], value) if f.name in TRL_NAMES else value
+        values["use_bias_correction_kl"] = bool(values["use_bias_correction_kl"])
+        return cls(**values)
 
 
 def _finite(name: str, value) -> None:
@@ -149,9 +168,10 @@ def _finite(name: str, value) -> None:
 
 
 class PolicyLossOutput(NamedTuple):
-    """What the policy loss returns.
+    """What the policy loss returns (:func:`~papo_kernels.policy_loss`, :func:`~papo_kernels.fused_linear_policy_loss`,
+    :func:`~papo_kernels.loss.loss_from_logps`).
 
-    Attributes:
+    Args:
         loss: scalar, differentiable (``policy_loss - entropy_coef * entropy`` bonus).
         per_token_logps: ``[B, T]`` fp32, detached, 0 where masked.
         entropy: ``[B, T]`` fp32, detached, 0 where masked.
@@ -164,6 +184,18 @@ class PolicyLossOutput(NamedTuple):
         entropy_stats: ``[2]`` fp32, detached: the sum of the entropies over the tokens the entropy bonus acts on
             (the mask, times the high-entropy mask when ``top_entropy_quantile < 1``) and their count, the window
             statistics of TRL's adaptive entropy control.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import policy_loss
+        >>> logits = torch.zeros(1, 3, 4)
+        >>> out = policy_loss(logits, torch.tensor([[0, 1, 2]]), torch.tensor([[1, 1, 0]]), torch.tensor([1.0]))
+        >>> out.loss, out.sequence_loss  # dapo, on-policy: -sum A / 2 tokens
+        (tensor(-1.), tensor([-2.]))
+        >>> out.per_token_logps  # 0 where masked
+        tensor([[-1.3863, -1.3863,  0.0000]])
+        >>> sorted(out.metrics)
+        ['clip_ratio/high_mean', 'clip_ratio/low_mean', 'clip_ratio/region_mean', 'entropy', 'policy_loss']
     """
 
     loss: torch.Tensor

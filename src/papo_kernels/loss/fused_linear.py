@@ -1,167 +1,92 @@
 """Fused linear policy loss: the loss and its gradients from hidden states and the LM head, one token chunk of
-logits at a time.
+logits at a time, never the ``[B, T, V]`` logits.
 
-For a chunk of (unmasked) tokens: ``logits = h @ W^T (+ b)`` (one GEMM, fp32 accumulation), one launch of the row
-kernel reads them once for log-probs, entropy and loss terms and again (from L2) to turn them into ``dL/dlogits``
-in place, then ``grad_h = dlogits @ W`` and ``grad_W += dlogits^T @ h`` (fp32 accumulator): three GEMMs per chunk,
-gradients computed during the forward and scaled by the incoming gradient in the backward. Sequence-level importance
-sampling, VESPO, the off-policy mask and the entropy quantile need every log-prob (or entropy) before any
-coefficient, so they run two phases (log-probs over all chunks, then the coefficients, then the chunks again: four
-GEMMs per chunk). The logits are ``softcap(logit_scale * (h W^T + b)) / T``
-as transformers computes them. A frozen head (``weight.requires_grad=False``, e.g. PEFT) gets no ``grad_W`` and no
-fp32 accumulator. Masked tokens are skipped (never projected).
+Per chunk of unmasked tokens (``chunked.py``): ``logits = h W^T (+ b)`` (cuBLAS, fp32 accumulation) into one
+preallocated buffer, one launch of the row kernel for the log-probs, entropy, loss terms and ``dL/dlogits`` in place,
+then ``grad_h = dlogits W`` and ``grad_W += dlogits^T h`` (fp32 accumulation): three GEMMs a chunk, the gradients
+computed during the forward for the upstream gradient the caller announces (``grad_scale``, 1 by default) and cast to
+the parameters' dtypes there. The backward is one launch per gradient that returns at once when the upstream
+gradient is the announced one (compared on the device: no host sync) and rescales otherwise. Sequence-level
+importance sampling, VESPO, the off-policy mask and the entropy quantile need every log-prob (or entropy) before any
+coefficient, so they run two phases (the chunks are projected twice: four GEMMs a chunk, three with one chunk).
 
-Logit bytes per chunk of C tokens (e bytes each): single phase ``5 C V e`` (the GEMM writes them, the row kernel reads
-them and overwrites them with the gradient, the two gradient GEMMs read it); two phases ``7 C V e`` (projected twice),
-``6 C V e`` when one chunk holds every token.
+The logits are ``softcap(logit_scale * (h W^T + b)) / T`` as transformers computes them. A frozen head
+(``weight.requires_grad=False``, e.g. PEFT) gets no ``grad_W`` and no accumulator; tied embeddings need nothing
+special (autograd adds the two gradients). Masked tokens are never projected. One host sync a call: the target-id
+range check, which also counts the unmasked tokens.
+
+Logit bytes per chunk of C tokens (e bytes each): single phase ``5 C V e`` (G1 writes them, the row kernel reads
+them - twice, the second from L2 - and overwrites them with the gradient, G2 and G3 read it); two phases ``7 C V e``.
+Peak memory: at most TRL 1.16's chunked path (formula in ``chunked.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._runtime import check_same_device, check_tensor, require, use_triton
+from .._runtime import check_same_device, check_tensor, kernels_available, require
+from .chunked import linear_gradients, token_rows
 from .config import PolicyLossConfig, PolicyLossOutput
-from .inputs import check_ids, check_loss_inputs
-from .launch import fused_rows, grad_rows, prepare_weights, sequence_and_finalize, stats_rows
-from .naive import policy_loss_reference
-from .plan import Plan, make_plan, output_from
-
-_OUT_DTYPE_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 8)
-MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 256 << 20, 1 << 30
+from .inputs import check_loss_inputs
+from .launch import scale_rows
+from .logits import _check_grad_scale
+from .naive import naive_policy_loss
+from .plan import make_plan, output_from, scalar_tensor
 
 
-def default_chunk_size(n_tokens: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Tokens per chunk, a multiple of 128 (128 to 16384): the ``[chunk, V]`` logits take a quarter of the fp32
-    ``grad_W`` accumulator's size, clamped to 256 MiB - 1 GiB and to 1/8 of the free device memory, so the chunk
-    never sets the peak (the backward's casts of the accumulated gradients do)."""
-    budget = min(max(vocab * hidden, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
-    if device.type == "cuda":
-        budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
-    rows = budget // (vocab * torch.empty((), dtype=dtype).element_size())
-    return min(max(rows // 128 * 128, 128), 16384, max(n_tokens, 1))
-
-
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` into an fp32 (fp64) accumulator without rounding the product to the inputs' dtype."""
-    if _OUT_DTYPE_MM and acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
-def _chunked(plan: Plan, flat_h, weight, bias, rows, n_valid: int, chunk: int, cd, needs) -> tuple:
-    """All chunks: log-probs and loss terms, ``dL/dlogits`` in place (one row-kernel launch per chunk in a single
-    phase) and the gradient GEMMs (unit upstream gradient). ``rows`` lists the unmasked flat tokens (None when every
-    token counts). Returns fp32 grads."""
-    device, acc = flat_h.device, plan.acc
-    V, D = weight.shape
-    need_h, need_w, need_b = needs
-    grad = need_h or need_w or need_b
-    w = weight.to(cd)
-    b = None if bias is None else bias.to(cd)
-    grad_h = torch.zeros(n_valid, D, dtype=acc, device=device) if need_h else None
-    grad_w = torch.zeros(V, D, dtype=acc, device=device) if need_w else None
-    grad_b = torch.zeros(V, dtype=acc, device=device) if need_b else None
-    buf = torch.empty(min(chunk, max(n_valid, 1)), V, dtype=cd, device=device)
-    one = torch.ones(1, dtype=acc, device=device)
-    spans = [(c0, min(c0 + chunk, n_valid)) for c0 in range(0, n_valid, chunk)]
-
-    def project(c0: int, c1: int):
-        h = (flat_h[c0:c1] if rows is None else flat_h.index_select(0, rows[c0:c1])).to(cd)
-        logits = buf[: c1 - c0]
-        torch.mm(h, w.t(), out=logits)
-        if b is not None:
-            logits.add_(b)
-        return h, logits
-
-    def stats(c0: int, c1: int, logits) -> None:
-        stats_rows(plan, logits, 0, V, c1 - c0, c0, c1 - c0, rows=rows)
-
-    def dlogits(kernel, c0: int, c1: int, logits) -> None:  # in place, statistics too with fused_rows
-        kernel(plan, logits, 0, V, c1 - c0, c0, c1 - c0, logits, 0, V, one, rows=rows)
-
-    def gradients(c0: int, c1: int, h, logits) -> None:
-        if grad_h is not None:
-            _addmm_fp32(grad_h[c0:c1], logits, w)
-        if grad_w is not None:
-            _addmm_fp32(grad_w, logits.t(), h)
-        if grad_b is not None:
-            grad_b.add_(logits.sum(0, dtype=acc))
-
-    if plan.two_phase:  # every log-prob and entropy first, then the coefficients, then the chunks again
-        last = None
-        for span in spans:
-            last = project(*span)
-            stats(*span, last[1])
-        sequence_and_finalize(plan)
-        for span in spans if grad else ():
-            h, logits = last if len(spans) == 1 else project(*span)
-            dlogits(grad_rows, *span, logits)
-            gradients(*span, h, logits)
-        return grad_h, grad_w, grad_b
-    if grad:  # the weights depend on the mask only: each chunk's gradient in the launch that reads its log-probs
-        prepare_weights(plan)
-    for span in spans:
-        h, logits = project(*span)
-        if grad:
-            dlogits(fused_rows, *span, logits)
-            gradients(*span, h, logits)
-        else:
-            stats(*span, logits)
-    sequence_and_finalize(plan)
-    return grad_h, grad_w, grad_b
+def live_tokens(completion_ids: torch.Tensor, completion_mask: torch.Tensor, vocab: int) -> int:
+    """The number of unmasked tokens, with the check that every target id lies in ``[0, V)``: one read-back."""
+    if completion_ids.numel() == 0:
+        return 0
+    stats = [completion_ids.min().long(), completion_ids.max().long(), (completion_mask != 0).sum()]
+    lo, hi, n = torch.stack(stats).tolist()
+    require(0 <= lo and hi < vocab, f"`completion_ids` must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+    return n
 
 
 class FusedLinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
                 importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config, logit_scale,
-                softcap, chunk_size, grad_enabled):  # fmt: skip
+                softcap, chunk_size, grad_scale, n_valid, grad_enabled):  # fmt: skip
         device = hidden.device
         cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        acc = torch.float64 if cd == torch.float64 else torch.float32
         B, T = completion_ids.shape
-        D, V = hidden.shape[-1], weight.shape[0]
+        D = hidden.shape[-1]
+        rows = None if n_valid == B * T else token_rows(completion_mask, n_valid)  # None: chunks are plain slices
         plan = make_plan(
             completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-            sequence_scale, num_items_in_batch, config, torch.float64 if cd == torch.float64 else torch.float32,
-            device, logit_scale, softcap, zeroed=True, sampling_logps=sampling_logps,
+            sequence_scale, num_items_in_batch, config, acc, device, logit_scale, softcap, zeroed=rows is not None,
+            sampling_logps=sampling_logps,
         )  # fmt: skip
-        rows = (plan.mask.reshape(-1) != 0).nonzero().squeeze(1)
-        n_valid = rows.numel()
-        if n_valid == B * T:
-            rows = None  # every token counts: chunks are plain slices
-        chunk = chunk_size or default_chunk_size(n_valid, V, D, cd, device)
         needs = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
         needs = (needs[0], needs[1], needs[2] and bias is not None)
+        if isinstance(grad_scale, torch.Tensor):
+            gs = grad_scale.detach().to(acc).reshape(1)
+        else:
+            gs = scalar_tensor(grad_scale, acc, device)
         with torch.autocast(device.type, enabled=False):
-            grads = _chunked(plan, hidden.reshape(B * T, D), weight, bias, rows, n_valid, chunk, cd, needs)
-        ctx.rows = rows
-        ctx.grads = grads
-        ctx.shapes = hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype
+            dh, dw, db = linear_gradients(
+                plan, hidden.reshape(B * T, D), weight, bias, rows, n_valid, cd, needs, gs, chunk_size
+            )
+        ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db, gs)
         logps, entropy, seq = plan.logp.view(B, T), plan.ent.view(B, T), plan.sequence_loss()
         ctx.mark_non_differentiable(logps, entropy, seq, plan.out)
         return plan.loss, logps, entropy, seq, plan.out
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        grad_h, grad_w, grad_b = ctx.grads
-        h_shape, h_dtype, w_dtype, b_dtype = ctx.shapes
-        go = grad_loss.reshape(())
-        dh = dw = db = None
-        if grad_h is not None:
-            scaled = grad_h.mul_(go).to(h_dtype)
-            if ctx.rows is None:
-                dh = scaled.view(h_shape)
-            else:
-                dh = scaled.new_zeros(h_shape[:-1].numel(), h_shape[-1]).index_copy_(0, ctx.rows, scaled)
-                dh = dh.view(h_shape)
-        if grad_w is not None:
-            dw = grad_w.mul_(go).to(w_dtype)
-        if grad_b is not None:
-            db = grad_b.mul_(go).to(b_dtype)
-        ctx.grads = ctx.rows = None
-        return (dh, dw, db) + (None,) * 14
+        require(
+            ctx.grads is not None, "fused_linear_policy_loss: the gradients were handed out once; no second backward"
+        )
+        *grads, gs = ctx.grads
+        ctx.grads = None
+        go = grad_loss.detach().to(gs.dtype).reshape(1)
+        for g in grads:
+            if g is not None:
+                scale_rows(g.view(1, -1, g.shape[-1]), go, gs)
+        return (*grads,) + (None,) * 16
 
 
 def fused_linear_policy_loss(
@@ -181,11 +106,17 @@ def fused_linear_policy_loss(
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
+    grad_scale: float | torch.Tensor = 1.0,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
 ) -> PolicyLossOutput:
     """``policy_loss`` on ``logits = softcap(logit_scale * (hidden @ weight^T + bias)) / temperature`` without
     materialising them: ``hidden[B, T, D]`` (position ``t`` predicts ``completion_ids[b, t]``), ``weight[V, D]``.
-    ``chunk_size`` (tokens per chunk) defaults to what fits in a fraction of the free memory."""
+
+    ``chunk_size`` caps the tokens per chunk; by default a chunk is as large as keeps the peak memory at or below
+    TRL's chunked path (``chunked.chunk_limit``). The gradients are computed in the forward for the upstream gradient
+    ``grad_scale`` (e.g. ``1 / gradient_accumulation_steps`` when the caller divides the loss by that before
+    ``backward``): the backward then costs nothing; another upstream gradient costs one pass over the gradients.
+    One backward per call."""
     check_tensor("hidden", hidden, ndim=3, floating=True)
     check_tensor("weight", weight, ndim=2, floating=True)
     require(weight.shape[1] == hidden.shape[-1], f"`weight` must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
@@ -213,18 +144,19 @@ def fused_linear_policy_loss(
         completion_ids.shape, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
         sequence_scale, config.beta, sampling_logps,
     )  # fmt: skip
-    check_ids(completion_ids, weight.shape[0])
+    _check_grad_scale(grad_scale, hidden)
+    n_valid = live_tokens(completion_ids, completion_mask, weight.shape[0])
     kwargs = dict(
         old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
         sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
     )  # fmt: skip
-    if not use_triton(hidden):
+    if not kernels_available(hidden):
         logits = linear_logits(hidden, weight, bias, logit_scale, final_logit_softcapping)
-        return policy_loss_reference(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
+        return naive_policy_loss(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
     loss, logps, entropy, seq, out = FusedLinearPolicyLossFunction.apply(
         hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
         importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config, float(logit_scale),
-        None if final_logit_softcapping is None else float(final_logit_softcapping), chunk_size,
+        None if final_logit_softcapping is None else float(final_logit_softcapping), chunk_size, grad_scale, n_valid,
         torch.is_grad_enabled(),
     )  # fmt: skip
     return output_from(loss, logps, entropy, seq, out, config)

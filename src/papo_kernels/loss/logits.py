@@ -30,12 +30,13 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
-from .._runtime import require, use_triton
+from .._runtime import kernels_available, require
 from .config import PolicyLossConfig, PolicyLossOutput
 from .inputs import check_logits_inputs, check_loss_inputs
 from .launch import fused_rows, grad_rows, prepare_weights, scale_rows, sequence_and_finalize, stats_rows
-from .naive import policy_loss_reference
+from .naive import naive_policy_loss
 from .plan import Plan, make_plan, output_from, scalar_tensor
 
 
@@ -91,30 +92,52 @@ class PolicyLossFunction(torch.autograd.Function):
 
 
 def policy_loss(
-    logits: torch.Tensor,
-    completion_ids: torch.Tensor,
-    completion_mask: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    old_logps: torch.Tensor | None = None,
-    ref_logps: torch.Tensor | None = None,
-    importance_sampling_ratio: torch.Tensor | None = None,
-    sampling_logps: torch.Tensor | None = None,
-    num_items_in_batch: torch.Tensor | float | None = None,
-    sequence_scale: torch.Tensor | None = None,
-    inplace_grad: bool = False,
-    grad_scale: float | torch.Tensor = 1.0,
+    logits: Tensor, completion_ids: Tensor, completion_mask: Tensor, advantages: Tensor, *,
+    old_logps: Tensor | None = None, ref_logps: Tensor | None = None, importance_sampling_ratio: Tensor | None = None,
+    sampling_logps: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
+    sequence_scale: Tensor | None = None, inplace_grad: bool = False, grad_scale: float | Tensor = 1.0,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
-) -> PolicyLossOutput:
-    """TRL 1.16's GRPO-family loss of one micro-batch from ``logits[B, T, V]`` (``logits[b, t]`` predicts
-    ``completion_ids[b, t]``; the caller shifts). ``old_logps=None`` is on-policy; ``sampling_logps`` (the
-    sampler's log-probs, default ``old_logps``) feed the off-policy mask. See ``PolicyLossConfig`` for the semantics.
+) -> PolicyLossOutput:  # fmt: skip
+    """TRL 1.16's GRPO-family loss of one micro-batch from ``logits[B, T, V]``: the Triton kernels where
+    :func:`~papo_kernels.kernels_available`, else the torch reference (:func:`~papo_kernels.loss.naive_policy_loss`).
+    See :class:`~papo_kernels.PolicyLossConfig` for the semantics.
 
     The gradient w.r.t. ``logits`` is computed in the forward when ``logits`` requires it, for the upstream
-    gradient ``grad_scale`` (e.g. ``1 / gradient_accumulation_steps`` when the caller divides the loss by that
-    before ``backward``): the backward then costs nothing; another upstream gradient costs one more pass over the
-    gradient. With ``inplace_grad=True`` the forward overwrites ``logits`` with that gradient (masked rows with
-    zeros): do not read the logits after the call. One backward per call."""
+    gradient ``grad_scale``: the backward then costs nothing; another upstream gradient costs one more pass over the
+    gradient. One backward per call.
+
+    Args:
+        logits: ``[B, T, V]``, any floating dtype; ``logits[b, t]`` predicts ``completion_ids[b, t]`` (the caller
+            shifts).
+        completion_ids: ``[B, T]`` integer targets in ``[0, V)``.
+        completion_mask: ``[B, T]`` 1 for the tokens in the loss; masked rows are never read.
+        advantages: ``[B]`` or ``[B, T]``.
+        old_logps, ref_logps, importance_sampling_ratio, sampling_logps, num_items_in_batch, sequence_scale: the
+            optional inputs, as in :func:`~papo_kernels.loss.loss_from_logps` (``old_logps=None``: on-policy).
+        inplace_grad: the forward overwrites ``logits`` with the gradient (masked rows with zeros): no gradient
+            buffer, but do not read the logits after the call.
+        grad_scale: the upstream gradient the gradient is computed for (a number or a one-element tensor on the
+            logits' device), e.g. ``1 / gradient_accumulation_steps`` when the caller divides the loss by that
+            before ``backward``.
+        config: the hyper-parameters.
+
+    Returns:
+        :class:`~papo_kernels.PolicyLossOutput`; ``loss`` is differentiable w.r.t. ``logits``.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import PolicyLossConfig, policy_loss
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> logits = torch.randn(2, 3, 5, requires_grad=True)
+        >>> ids, mask = torch.tensor([[1, 2, 3], [0, 4, 4]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+        >>> out = policy_loss(logits, ids, mask, torch.tensor([1.0, -0.5]), config=PolicyLossConfig("grpo"))
+        >>> out.loss.detach()  # on-policy: mean over sequences of -A
+        tensor(-0.2500)
+        >>> out.loss.backward()
+        >>> logits.grad[1, 2]  # a masked token
+        tensor([0., 0., 0., 0., 0.])
+    """
     check_logits_inputs(logits, completion_ids)
     check_loss_inputs(
         completion_ids.shape, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
@@ -125,8 +148,8 @@ def policy_loss(
         old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
         sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
     )  # fmt: skip
-    if not use_triton(logits):
-        return policy_loss_reference(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
+    if not kernels_available(logits):
+        return naive_policy_loss(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     loss, logps, entropy, seq, out = PolicyLossFunction.apply(

@@ -25,18 +25,33 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from .._runtime import check_tensor, compute_dtype, require
-from .config import PolicyLossConfig, PolicyLossOutput
+from .config import VESPO_IS_RATIO_MIN, VESPO_LAMBDA_MIN, VESPO_LN_W_MAX, PolicyLossConfig, PolicyLossOutput
 from .inputs import check_logits_inputs, check_loss_inputs
-
-CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 def token_logps_and_entropy(
     logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log softmax(z / T)[id]`` and the entropy ``-sum p log p`` per token, fp32 (fp64 for fp64 logits)."""
+    """``log softmax(z / T)[id]`` and the entropy ``-sum p log p`` per token, fp32 (fp64 for fp64 logits).
+
+    Args:
+        logits: ``[B, T, V]`` (``logits[b, t]`` predicts ``completion_ids[b, t]``).
+        completion_ids: ``[B, T]`` integer targets in ``[0, V)``.
+        temperature: ``z = logits / temperature``.
+
+    Returns:
+        ``(logps[B, T], entropy[B, T])``, differentiable w.r.t. the logits.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels.loss import token_logps_and_entropy
+        >>> logps, entropy = token_logps_and_entropy(torch.zeros(1, 2, 4), torch.tensor([[0, 3]]))
+        >>> logps, entropy  # uniform over 4 tokens: log(1/4) and log(4)
+        (tensor([[-1.3863, -1.3863]]), tensor([[1.3863, 1.3863]]))
+    """
     z = logits.to(compute_dtype(logits)) / temperature
     logp_all = z - torch.logsumexp(z, dim=-1, keepdim=True)
     logps = logp_all.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1)
@@ -47,21 +62,46 @@ def token_logps_and_entropy(
 
 
 def loss_from_logps(
-    per_token_logps: torch.Tensor,
-    entropy: torch.Tensor,
-    completion_mask: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    old_logps: torch.Tensor | None = None,
-    ref_logps: torch.Tensor | None = None,
-    importance_sampling_ratio: torch.Tensor | None = None,
-    sampling_logps: torch.Tensor | None = None,
-    num_items_in_batch: torch.Tensor | float | None = None,
-    sequence_scale: torch.Tensor | None = None,
+    per_token_logps: Tensor, entropy: Tensor, completion_mask: Tensor, advantages: Tensor, *,
+    old_logps: Tensor | None = None, ref_logps: Tensor | None = None, importance_sampling_ratio: Tensor | None = None,
+    sampling_logps: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
+    sequence_scale: Tensor | None = None,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
-) -> PolicyLossOutput:
-    """The policy loss from per-token log-probs ``[B, T]`` and entropies ``[B, T]`` (both differentiable).
-    ``sampling_logps`` (the sampler's log-probs, default ``old_logps``) feed the off-policy mask only."""
+) -> PolicyLossOutput:  # fmt: skip
+    """The policy loss from per-token log-probs and entropies (both differentiable): the torch path of
+    ``PAPOTrainer`` when the fused loss does not run, and the reference of the kernels.
+
+    Args:
+        per_token_logps: ``[B, T]`` log-probs of the completion tokens under the policy.
+        entropy: ``[B, T]`` the policy's entropy at each token.
+        completion_mask: ``[B, T]`` 1 for the tokens in the loss (any dtype; bool too).
+        advantages: ``[B]`` (one per sequence) or ``[B, T]``.
+        old_logps: ``[B, T]`` log-probs of the policy that sampled (the ratio's denominator); ``None``: on-policy,
+            ``old = logps.detach()`` (ratio 1, with its gradient).
+        ref_logps: ``[B, T]`` log-probs of the reference model, for the KL term (required when ``config.beta != 0``).
+        importance_sampling_ratio: ``[B, T]`` or ``[B, 1]`` vLLM's importance-sampling weight (VESPO: folded into
+            its sequence ratio).
+        sampling_logps: ``[B, T]`` the sampler's log-probs, for the off-policy mask only; ``None``: ``old_logps``.
+        num_items_in_batch: the ``dapo``/``cispo``/``vespo`` normaliser; ``None``: the mask's token count.
+        sequence_scale: ``[B]`` per-sequence weights replacing the ``loss_type`` aggregation
+            (``loss = sum_b scale_b * sum_t m_bt loss_bt``; DARO's ``w_k / T_k``), detached.
+        config: the hyper-parameters, :class:`~papo_kernels.PolicyLossConfig`.
+
+    Returns:
+        :class:`~papo_kernels.PolicyLossOutput` (the loss, per-token log-probs and entropies, TRL's metrics).
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels import PolicyLossConfig
+        >>> from papo_kernels.loss import loss_from_logps
+        >>> logps = torch.tensor([[-1.0, -2.0], [-0.5, -0.1]], requires_grad=True)
+        >>> entropy, mask = torch.ones(2, 2), torch.tensor([[1, 1], [1, 0]])
+        >>> out = loss_from_logps(logps, entropy, mask, torch.tensor([1.0, -1.0]), config=PolicyLossConfig("bnpo"))
+        >>> out.loss.detach()  # on-policy: -sum A over the 3 tokens / 3
+        tensor(-0.3333)
+        >>> out.sequence_loss
+        tensor([-2.,  1.])
+    """
     check_tensor("per_token_logps", per_token_logps, ndim=2, floating=True)
     check_tensor("entropy", entropy, ndim=2, floating=True)
     require(
@@ -154,7 +194,7 @@ def loss_from_logps(
     metrics = {"entropy": entropy_mean.detach()}
     if kl is not None:
         metrics["kl"] = (kl.detach() * mask).sum() / count.clamp(min=1.0)
-    if config.loss_type in CLIPPED:
+    if config.clipped:
         low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype)
         high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(dtype)
         metrics["clip_ratio/low_mean"] = masked_mean(low)
@@ -200,18 +240,18 @@ def gamma_weights(adv, log_ratio, mask, importance_sampling_ratio, cfg: PolicyLo
     """VESPO's detached gamma weight ``phi(w) = exp(lambda + k ln w - lambda w)`` of the sequence ratio ``w``
     (every IS-ratio entry counts, masked or not, as in TRL); ``k`` and ``lambda`` (fp32, ``lambda >= 1e-4``) by the
     sign of the advantage; non-finite weights are 0."""
-    low = math.log(1e-8)
-    ln_w = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+    low, high = math.log(VESPO_IS_RATIO_MIN), VESPO_LN_W_MAX
+    ln_w = (torch.clamp(log_ratio, -high, high) * mask).sum(-1, keepdim=True)
     if importance_sampling_ratio is not None:
-        ln_w = ln_w + torch.clamp(torch.log(importance_sampling_ratio), low, 20.0).sum(-1, keepdim=True)
-    ln_w = torch.clamp(ln_w, low, 20.0)
+        ln_w = ln_w + torch.clamp(torch.log(importance_sampling_ratio), low, high).sum(-1, keepdim=True)
+    ln_w = torch.clamp(ln_w, low, high)
     nonneg = adv >= 0
     k = torch.where(nonneg, cfg.vespo_k_pos, cfg.vespo_k_neg)
-    lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=1e-4)
+    lam = torch.where(nonneg, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg).clamp(min=VESPO_LAMBDA_MIN)
     return torch.exp(lam + k * ln_w - lam * torch.exp(ln_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def policy_loss_reference(
+def naive_policy_loss(
     logits: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
@@ -220,7 +260,27 @@ def policy_loss_reference(
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008
     **kwargs,
 ) -> PolicyLossOutput:
-    """``loss_from_logps`` on the log-probs and entropies of ``logits[B, T, V]`` (differentiable w.r.t. logits)."""
+    """The reference of :func:`~papo_kernels.policy_loss`: :func:`loss_from_logps` on the log-probs and entropies
+    of ``logits[B, T, V]`` (:func:`token_logps_and_entropy`), differentiable w.r.t. the logits.
+
+    Args:
+        logits: ``[B, T, V]``; ``logits[b, t]`` predicts ``completion_ids[b, t]``.
+        completion_ids, completion_mask, advantages: as for :func:`~papo_kernels.policy_loss`.
+        config: the hyper-parameters (``config.temperature`` divides the logits).
+        **kwargs: the optional inputs of :func:`loss_from_logps` (``old_logps``, ``ref_logps``, ...).
+
+    Returns:
+        :class:`~papo_kernels.PolicyLossOutput`, as :func:`~papo_kernels.policy_loss` returns it.
+
+    Examples:
+        >>> import torch
+        >>> from papo_kernels.loss import naive_policy_loss
+        >>> logits = torch.zeros(1, 2, 4, requires_grad=True)
+        >>> out = naive_policy_loss(logits, torch.tensor([[0, 3]]), torch.ones(1, 2), torch.tensor([2.0]))
+        >>> out.loss.backward()
+        >>> logits.grad[0, 0]  # dapo: -A * d logp / dz / 2 tokens
+        tensor([-0.7500,  0.2500,  0.2500,  0.2500])
+    """
     check_logits_inputs(logits, completion_ids)
     logps, entropy = token_logps_and_entropy(logits, completion_ids, config.temperature)
     return loss_from_logps(logps, entropy, completion_mask, advantages, config=config, **kwargs)

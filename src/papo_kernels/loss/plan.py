@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PolicyLossConfig, PolicyLossOutput
+from .config import VESPO_IS_RATIO_MIN, VESPO_LAMBDA_MIN, PolicyLossConfig, PolicyLossOutput
 from .terms import (
     C_LOSS,
     LOSS_IDS,
@@ -26,7 +26,6 @@ from .terms import (
     O_REGION,
 )
 
-CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 _PARAMS: OrderedDict = OrderedDict()
 
 
@@ -42,13 +41,13 @@ def _params(cfg: PolicyLossConfig, dtype, logit_scale: float, softcap: float | N
     # TRL builds the SAPO temperatures and VESPO's k and lambda with torch.where over Python floats (fp32 values),
     # and torch.quantile takes its q as a tensor of the (fp32) entropies' dtype
     f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
-    vespo = [f32(cfg.vespo_k_pos), max(f32(cfg.vespo_lambda_pos), f32(1e-4))]
-    vespo += [f32(cfg.vespo_k_neg), max(f32(cfg.vespo_lambda_neg), f32(1e-4))]
+    vespo = [f32(cfg.vespo_k_pos), max(f32(cfg.vespo_lambda_pos), f32(VESPO_LAMBDA_MIN))]
+    vespo += [f32(cfg.vespo_k_neg), max(f32(cfg.vespo_lambda_neg), f32(VESPO_LAMBDA_MIN))]
     opm = cfg.off_policy_mask_threshold
     values = [
         cfg.epsilon_low, cfg.eps_high, cfg.delta or 0.0, cfg.beta, f32(cfg.sapo_temperature_pos),
         f32(cfg.sapo_temperature_neg), cfg.entropy_coef, k2, logit_scale * inv_t, logit_scale, softcap or 1.0,
-        float(cfg.max_completion_length or 1), *vespo, math.log(1e-8), 0.0 if opm is None else opm,
+        float(cfg.max_completion_length or 1), *vespo, math.log(VESPO_IS_RATIO_MIN), 0.0 if opm is None else opm,
         f32(1.0 - cfg.top_entropy_quantile), torch.finfo(dtype).max,
     ]  # fmt: skip
     assert len(values) == N_PARAMS
@@ -97,7 +96,7 @@ class Plan:
     ent: torch.Tensor
     rmax: torch.Tensor
     log2s: torch.Tensor
-    g: torch.Tensor
+    dlogp: torch.Tensor  # per token dL/dlogp, before the aggregation weight
     ptl: torch.Tensor
     kl: torch.Tensor
     flags: torch.Tensor
@@ -136,7 +135,7 @@ def metrics_from_out(out: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torc
     metrics = {"entropy": at(O_ENT)}
     if cfg.beta != 0.0:
         metrics["kl"] = at(O_KL)
-    if cfg.loss_type in CLIPPED:
+    if cfg.clipped:
         metrics["clip_ratio/low_mean"] = at(O_LOW)
         metrics["clip_ratio/high_mean"] = at(O_HIGH)
         metrics["clip_ratio/region_mean"] = at(O_REGION)
@@ -186,7 +185,7 @@ def make_plan(
         samp=None if sampling_logps is None else sampling_logps.to(device).contiguous(),
         seq_scale=None if sequence_scale is None else sequence_scale.to(device).contiguous(),
         num_items=num_items_in_batch, params=params_tensor(cfg, acc, device, logit_scale, softcap),
-        softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], g=views[4],
+        softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], dlogp=views[4],
         ptl=views[5], kl=views[6], flags=alloc(N, dtype=torch.int32, device=device),
         part=views[7].view(B, N_PART.value), w=views[8], out=views[9],
         loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place

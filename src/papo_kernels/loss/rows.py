@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .terms import F_BONUS, P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
+from .terms import F_BONUS, F_HIGH, F_LOW, P_CAP, P_K2, P_KN, P_SCALE, _load_inputs, _policy_terms
 
 LN2 = tl.constexpr(0.6931471805599453)
 NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully -inf blocks give no inf - inf
@@ -79,45 +79,79 @@ def _fold(y, m, s, a, k2):
 
 
 @triton.jit
-def _row_stats(xrow, tgt, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """One read of a row: its maximum ``m``, ``log2 s``, the entropy and the target's log-prob."""
+def _fold_sums(y, m, s, a, k2):
+    """``_fold`` with ``s`` and ``a`` reduced over the block at once (scalars: fewer registers, one more reduction)."""
+    new_m = tl.maximum(m, tl.max(y, axis=0))
+    dm = (m - new_m) * k2
+    c = tl.exp2(dm)
+    d = tl.maximum((y - new_m) * k2, FLOOR)
+    e = tl.exp2(d)
+    a = tl.where(s > 0, c * (a + s * dm), 0.0) + tl.sum(e * d, axis=0)
+    s = c * s + tl.sum(e, axis=0)
+    return new_m, s, a
+
+
+@triton.jit
+def _row_stats(xrow, x_id, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr):
+    """One read of a row: its maximum ``m``, ``log2 s``, the entropy and the log-prob of the target, whose logit
+    ``x_id`` the caller loaded up front (``LANES``: the sums kept per lane and reduced once per row, else reduced
+    per block)."""
     cols = tl.arange(0, BLOCK)
-    lanes = tl.zeros([BLOCK], zero.dtype)
-    m, s, a = zero + NEG, lanes, lanes
+    if LANES:
+        lanes = tl.zeros([BLOCK], zero.dtype)
+        m, s, a = zero + NEG, lanes, lanes
+    else:
+        m, s, a = zero + NEG, zero, zero
     n_full = (V // BLOCK) * BLOCK
-    for start in range(0, n_full, BLOCK):
-        y = _cap(tl.load(xrow + start + cols).to(zero.dtype), P, HAS_SOFTCAP)
-        m, s, a = _fold(y, m, s, a, k2)
+    if n_full > 0:  # the next block is loaded before this one is folded: two blocks in flight
+        nxt = tl.load(xrow + cols)
+        for start in range(BLOCK, n_full, BLOCK):
+            cur = nxt
+            nxt = tl.load(xrow + start + cols)
+            if LANES:
+                m, s, a = _fold(_cap(cur.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
+            else:
+                m, s, a = _fold_sums(_cap(cur.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
+        if LANES:
+            m, s, a = _fold(_cap(nxt.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
+        else:
+            m, s, a = _fold_sums(_cap(nxt.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
     if n_full < V:
         inb = n_full + cols < V
         y = _cap(tl.load(xrow + n_full + cols, mask=inb, other=float("-inf")).to(zero.dtype), P, HAS_SOFTCAP)
-        m, s, a = _fold(tl.where(inb, y, float("-inf")), m, s, a, k2)
-    s_sum = tl.sum(s, axis=0)
-    log2s = tl.log2(s_sum)
-    ent = LN2 * (log2s - tl.sum(a, axis=0) / s_sum)
-    y_id = _cap(tl.load(xrow + tgt).to(zero.dtype), P, HAS_SOFTCAP)
+        if LANES:
+            m, s, a = _fold(tl.where(inb, y, float("-inf")), m, s, a, k2)
+        else:
+            m, s, a = _fold_sums(tl.where(inb, y, float("-inf")), m, s, a, k2)
+    if LANES:
+        s = tl.sum(s, axis=0)
+        a = tl.sum(a, axis=0)
+    log2s = tl.log2(s)
+    ent = LN2 * (log2s - a / s)
+    y_id = _cap(x_id.to(zero.dtype), P, HAS_SOFTCAP)
     return m, log2s, ent, ((y_id - m) * k2 - log2s) * LN2
 
 
 @triton.jit
 def _token_terms(
-    logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, G, PTL, KL, FLAGS,
-    LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
-    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr,
+    logp, w, p, P, adv, old, ref, isr, DLOGP, PTL, KL, FLAGS,
+    LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):  # fmt: skip
-    """Token-level loss terms of one token: stores them and returns ``dL/dlogp`` before the sequence weight."""
-    b = p // T
+    """Token-level loss terms of one token from its inputs (loaded before its row was streamed; absent ``old``
+    and ``ref`` are the log-prob itself): stores them and returns ``dL/dlogp`` before the sequence weight."""
     on = w != 0
-    adv, old, ref, isr = _load_inputs(logp, b, p - b * T, p, on, ADV, sab, sat, OLD, REF, ISR, sib, sit,
-                                      HAS_OLD, HAS_KL, HAS_ISR)  # fmt: skip
+    if not HAS_OLD:
+        old = logp
+    if not HAS_KL:
+        ref = logp
     r = tl.exp(logp - old)
     one = r * 0.0 + 1.0
     ptl, d_lp, d_r, kl, low, high = _policy_terms(logp, ref, adv, isr, r, one, one, P, LOSS, HAS_DELTA, HAS_KL, BIAS_KL)
     g = tl.where(on, w * (d_lp + d_r * r), 0.0)
-    tl.store(G + p, g)
+    tl.store(DLOGP + p, g)
     tl.store(PTL + p, tl.where(on, ptl, 0.0))
     tl.store(KL + p, tl.where(on, kl, 0.0))
-    tl.store(FLAGS + p, tl.where(on, low.to(tl.int32) + 2 * high.to(tl.int32), 0))
+    tl.store(FLAGS + p, tl.where(on, low.to(tl.int32) * F_LOW + high.to(tl.int32) * F_HIGH, 0))
     return g
 
 
@@ -159,53 +193,74 @@ def _row_grad(
             x = tl.load(xrow + n_full + cols, mask=inb, other=0.0).to(m.dtype)
             g = _grad_block(x, n_full + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
             tl.store(drow + n_full + cols, g.to(out_t), mask=inb)
-        for j in range(0, n_full // BLOCK):
-            start = n_full - (j + 1) * BLOCK
-            x = tl.load(xrow + start + cols).to(m.dtype)
-            g = _grad_block(x, start + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
-            tl.store(drow + start + cols, g.to(out_t))
+        if n_full > 0:  # as in the statistics: the next (lower) block is loaded before this one is written
+            nxt = tl.load(xrow + n_full - BLOCK + cols)
+            for j in range(1, n_full // BLOCK):
+                start = n_full - j * BLOCK
+                cur = nxt
+                nxt = tl.load(xrow + start - BLOCK + cols)
+                g = _grad_block(cur.to(m.dtype), start + cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
+                tl.store(drow + start + cols, g.to(out_t))
+            g = _grad_block(nxt.to(m.dtype), cols, tgt, m, log2s, c, a0, a1, P, k2, HAS_SOFTCAP, ENT_GRAD)
+            tl.store(drow + cols, g.to(out_t))
 
 
 @triton.jit(do_not_specialize=_DNS)
 def _rows(
     X, sxb, sxt, T_x, row0, n_rows, ROWS, DX, sdb, sdt, IDS, MASK, V, T, P, GS,
-    LOGP, ENT, RMAX, LOG2S, G, PTL, KL, FLAGS, W, ENT_W,
+    LOGP, ENT, RMAX, LOG2S, DLOGP, PTL, KL, FLAGS, W, ENT_W,
     ADV, sab, sat, OLD, REF, ISR, sib, sit,
     STATS: tl.constexpr, GRAD: tl.constexpr, TERMS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, ENT_GRAD: tl.constexpr, ENT_MASK: tl.constexpr,
     LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
-    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, LANES: tl.constexpr,
 ):  # fmt: skip
     """Rows ``i`` of ``X`` (at ``(i // T_x) sxb + (i % T_x) sxt``) for the flat tokens ``row0 + i`` (or
     ``ROWS[row0 + i]``), ``i`` striding over the programs; gradients go to the same rows of ``DX``."""
     zero = tl.sum(tl.zeros([BLOCK], LOGP.dtype.element_ty), axis=0)
     k2 = tl.load(P + P_K2)
+    scale = zero
+    ent_w = zero
+    if GRAD:
+        scale = tl.load(GS).to(zero.dtype) * tl.load(P + P_KN)
+        if ENT_GRAD:
+            ent_w = tl.load(ENT_W)
     for i in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        # every scalar a row needs is loaded before its logits are streamed, so the loads' latencies overlap
         p, off, doff = _row(i, row0, ROWS, T_x, sxb, sxt, sdb, sdt, HAS_ROWS, ALIGNED)
         w = tl.load(MASK + p).to(zero.dtype)
         tgt = tl.load(IDS + p)
+        b = p // T
+        if STATS:
+            x_id = tl.load(X + off + tgt, mask=w != 0, other=0.0)  # ids of masked tokens may be anything
+            if TERMS:
+                adv, old, ref, isr = _load_inputs(zero, b, p - b * T, p, zero == zero, ADV, sab, sat, OLD, REF, ISR,
+                                                  sib, sit, HAS_OLD, HAS_KL, HAS_ISR)  # fmt: skip
+        else:
+            m, log2s, ent, g = tl.load(RMAX + p), tl.load(LOG2S + p), tl.load(ENT + p), tl.load(DLOGP + p)
+        if GRAD:
+            wb = tl.load(W + b)
+            if ENT_MASK:
+                bonus = (tl.load(FLAGS + p) & F_BONUS) != 0
         if STATS:
             m, log2s, ent, logp = zero + NEG, zero, zero, zero
             if w != 0:
-                m, log2s, ent, logp = _row_stats(X + off, tgt, V, P, k2, zero, HAS_SOFTCAP, BLOCK)
+                m, log2s, ent, logp = _row_stats(X + off, x_id, V, P, k2, zero, HAS_SOFTCAP, BLOCK, LANES)
             tl.store(LOGP + p, logp)
             tl.store(ENT + p, ent)
             tl.store(RMAX + p, m)
             tl.store(LOG2S + p, log2s)
             g = zero
             if TERMS:
-                g = _token_terms(logp, w, p, T, P, ADV, sab, sat, OLD, REF, ISR, sib, sit, G, PTL, KL, FLAGS,
-                                 LOSS, HAS_OLD, HAS_KL, BIAS_KL, HAS_ISR, HAS_DELTA)  # fmt: skip
-        else:
-            m, log2s, ent, g = tl.load(RMAX + p), tl.load(LOG2S + p), tl.load(ENT + p), tl.load(G + p)
+                g = _token_terms(logp, w, p, P, adv, old, ref, isr, DLOGP, PTL, KL, FLAGS,
+                                 LOSS, HAS_OLD, HAS_KL, BIAS_KL, HAS_DELTA)  # fmt: skip
         if GRAD:
-            scale = tl.load(GS).to(zero.dtype) * tl.load(P + P_KN)
-            c = scale * tl.load(W + p // T) * g
+            c = scale * wb * g
             h = zero
             if ENT_GRAD:
-                h = scale * tl.load(ENT_W) * w
+                h = scale * ent_w * w
                 if ENT_MASK:  # only the tokens the high-entropy mask keeps
-                    h = tl.where((tl.load(FLAGS + p) & F_BONUS) != 0, h, 0.0)
+                    h = tl.where(bonus, h, 0.0)
             _row_grad(X + off, DX + doff, V, tgt, m, log2s, ent, c, h, P, k2, HAS_SOFTCAP, ENT_GRAD, BLOCK)
 
 

@@ -13,8 +13,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOSS_IDS = {"grpo": 0, "bnpo": 1, "dr_grpo": 2, "dapo": 3, "cispo": 4, "sapo": 5, "luspo": 6, "vespo": 7}
+from .config import LOSS_TYPES, VESPO_LN_W_MAX
+
 _c = tl.constexpr
+# The kernels' ``LOSS`` constexpr: the index of the loss type in ``LOSS_TYPES``
+LOSS_IDS = {name: i for i, name in enumerate(LOSS_TYPES)}
+GRPO, BNPO, DR_GRPO, DAPO = (_c(LOSS_IDS[name]) for name in ("grpo", "bnpo", "dr_grpo", "dapo"))
+CISPO, SAPO, LUSPO, VESPO = (_c(LOSS_IDS[name]) for name in ("cispo", "sapo", "luspo", "vespo"))
+LN_W_MAX = _c(VESPO_LN_W_MAX)
 # Slots of the scalar-parameter vector (stored once per config as a small tensor of the arithmetic dtype)
 P_EPS_LOW, P_EPS_HIGH, P_DELTA, P_BETA, P_TAU_POS, P_TAU_NEG = _c(0), _c(1), _c(2), _c(3), _c(4), _c(5)
 P_ENT_COEF, P_K2, P_KN, P_SCALE, P_CAP, P_MAXLEN = _c(6), _c(7), _c(8), _c(9), _c(10), _c(11)
@@ -29,8 +35,10 @@ N_PART = _c(10)
 O_LOSS, O_POLICY, O_ENT, O_KL, O_LOW, O_HIGH, O_REGION, O_ENT_W = (_c(i) for i in range(8))
 O_PHI, O_THRESHOLD, O_BONUS, O_BONUS_N = _c(8), _c(9), _c(10), _c(11)
 N_OUT = 12
-# Bit of the per-token flags: the entropy bonus acts on the token (two-phase path with the high-entropy mask)
-F_BONUS = _c(4)
+# Bits of the per-token flags: clipped below, clipped above (the CISPO flag for cispo), and the entropy bonus acts on
+# the token (two-phase path with the high-entropy mask)
+F_LOW, F_HIGH, F_BONUS = _c(1), _c(2), _c(4)
+F_CLIPPED = _c(F_LOW.value | F_HIGH.value)
 
 
 @triton.jit
@@ -41,20 +49,20 @@ def _policy_terms(
     """Per-token loss ``ptl`` (times ``keep`` and the IS weight, plus ``beta * k3``), ``d_lp``, ``d_r``, the KL
     for the metric and the low/high clip flags (high is the CISPO flag for ``cispo``)."""
     zero = r * 0.0
-    if LOSS == 7:  # vespo: -sg(phi) * A * logp
+    if LOSS == VESPO:  # vespo: -sg(phi) * A * logp
         ptl = -phi * adv * logp
         d_lp = -phi * adv
         d_r = zero
         low = r < zero
         high = low
-    elif LOSS == 4:  # cispo: -sg(min(r, eps_high)) * A * logp
+    elif LOSS == CISPO:  # cispo: -sg(min(r, eps_high)) * A * logp
         cr = tl.minimum(r, tl.load(P + P_EPS_HIGH))
         ptl = -cr * adv * logp
         d_lp = -cr * adv
         d_r = zero
         low = r < zero
         high = (r > tl.load(P + P_EPS_HIGH)) & (adv > 0)
-    elif LOSS == 5:  # sapo: -4 sigmoid(tau (r - 1)) / tau * A
+    elif LOSS == SAPO:  # sapo: -4 sigmoid(tau (r - 1)) / tau * A
         tau = tl.where(adv > 0, tl.load(P + P_TAU_POS), tl.load(P + P_TAU_NEG))
         sg = tl.sigmoid(tau * (r - 1))
         ptl = -(sg * 4 / tau) * adv

@@ -72,6 +72,7 @@ def run_compare(
         "before": {key: spread([r["before"][key] for r in per_seed]) for key in ("accuracy", "process_score")},
         "runs": aggregate_runs(per_seed, methods), "per_seed": per_seed,
         "seconds": {"total": time.perf_counter() - start}, "curves": curves,
+        "held_out_problems": per_seed[0]["held_out_problems"],
     }  # fmt: skip
     write_outputs(summary, output_dir, plot_spread)
     write_markdown_table(summary, os.path.join(output_dir, "table.md"))
@@ -104,4 +105,5 @@ def _compare_one_seed(profile, seed: int, methods, output_dir: str, num_threads:
                         "diagnostics": run["diagnostics"], "rl_seconds": run["rl_seconds"],
                         "non_finite": run["non_finite"]}  # fmt: skip
         curves[method] = {"train": run["train"], "held_out": run["held_out"]}
-    return {"seed": seed, "before": before, "sft_seconds": sft_seconds, "runs": runs, "curves": curves}
+    return {"seed": seed, "before": before, "sft_seconds": sft_seconds, "runs": runs, "curves": curves,
+            "held_out_problems": run["held_out_problems"]}  # fmt: skip

@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .run import OUTCOME_KEY
+from . import OUTCOME_KEY
 
 PANELS = (
     ("held_out", "accuracy", "held-out accuracy (greedy)"),
@@ -15,6 +15,14 @@ PANELS = (
     ("train", OUTCOME_KEY, "train outcome reward (moving average)"),
     ("train", "completions/mean_length", "train completion length (tokens)"),
 )
+
+
+def _label(source: str, label: str, held_out_problems: dict | None) -> str:
+    """A held-out panel's title names its evaluation subset (``{"curve": n, "total": N}``)."""
+    if source != "held_out" or not held_out_problems:
+        return label
+    n, total = held_out_problems["curve"], held_out_problems["total"]
+    return f"{label}\n{n} of the {total} held-out problems" if n < total else f"{label}, {n} problems"
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -28,10 +36,12 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_curves(curves: dict[str, dict], path: str, title: str = "") -> None:
-    """``curves[method] = {"train": [log rows], "held_out": [eval rows]}``, every row holding a ``step``."""
+def plot_curves(curves: dict[str, dict], path: str, title: str = "", held_out_problems: dict | None = None) -> None:
+    """``curves[method] = {"train": [log rows], "held_out": [eval rows]}``, every row holding a ``step``;
+    ``held_out_problems = {"curve": n, "total": N}`` names the evaluation subset of the held-out panels."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (source, key, label) in zip(axes.flat, PANELS, strict=True):
+        label = _label(source, label, held_out_problems)
         for method, curve in curves.items():
             rows = [r for r in curve[source] if r.get(key) is not None and r[key] == r[key]]
             steps, values = [r["step"] for r in rows], [r[key] for r in rows]
@@ -79,11 +89,14 @@ def band(
     return steps, [sum(c) / len(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
 
 
-def plot_spread(curves: dict[str, list[dict]], path: str, title: str = "") -> None:
+def plot_spread(
+    curves: dict[str, list[dict]], path: str, title: str = "", held_out_problems: dict | None = None
+) -> None:
     """``curves[method]`` = one ``{"seed", "train", "held_out"}`` per seed: the mean over seeds as a line, the
     min-max range over seeds shaded, 2 x 4 panels (held-out accuracy and process score, the learning signal)."""
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.4))
     for ax, (source, key, label) in zip(axes.flat, SPREAD_PANELS, strict=True):
+        label = _label(source, label, held_out_problems)
         for i, (method, runs) in enumerate(curves.items()):
             steps, mean, low, high = band(runs, source, key)
             if not steps:  # a diagnostic the method does not have

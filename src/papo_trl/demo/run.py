@@ -26,6 +26,7 @@ diagnostics for all three (``papo/zero_advantage_frac`` and the group shares, se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,12 +41,11 @@ from transformers import ProgressCallback, TrainerCallback, set_seed
 
 from ..diagnostics import SIGNAL_KEYS
 from ..rewards import exact_answer_reward, step_checker_reward
+from . import METHODS, OUTCOME_KEY, QUICK_ENV
 from .model import TinyModelSpec, build_model, build_tokenizer
+from .plots import plot_curves
 from .task import TaskSpec, make_splits
 
-METHODS = ("papo", "grpo", "prm_only")
-OUTCOME_KEY = "rewards/exact_answer_reward/mean"
-QUICK_ENV = "PAPO_DEMO_QUICK"
 
 
 @dataclass
@@ -121,7 +121,14 @@ def warm_start(model, tokenizer, dataset, profile: DemoProfile, seed: int, outpu
     quiet_progress(trainer, {"loss": "loss", "mean_token_accuracy": "token_acc"})
     start = time.perf_counter()
     trainer.train()
+    _remove_if_empty(args.output_dir)
     return time.perf_counter() - start
+
+
+def _remove_if_empty(path: str) -> None:
+    """The trainers create their ``output_dir`` even when they save nothing: leave no empty folder behind."""
+    with contextlib.suppress(OSError):  # not empty, or already gone
+        os.rmdir(path)
 
 
 def _no_checkpointing(config_cls) -> dict:
@@ -233,11 +240,13 @@ def train_rl(model, tokenizer, data, method: str, profile: DemoProfile, seed: in
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    _remove_if_empty(trainer.args.output_dir)
     non_finite = list(recorder.non_finite)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         non_finite.append("parameters")
+    held_out_problems = {"curve": len(curve_set), "total": len(data["eval"])}
     return {"train": recorder.train, "held_out": recorder.held_out, "rl_seconds": seconds, "non_finite": non_finite,
-            "diagnostics": diagnostics_summary(recorder.train)}  # fmt: skip
+            "diagnostics": diagnostics_summary(recorder.train), "held_out_problems": held_out_problems}  # fmt: skip
 
 
 def diagnostics_summary(train_rows: list[dict], tail: float = 0.1) -> dict[str, dict]:
@@ -284,8 +293,6 @@ def run_demo(
     num_threads: int | None = None,
 ) -> dict:
     """The whole demo for one method; writes ``summary.json`` and ``curves.png`` and returns the summary."""
-    from .plots import plot_curves
-
     profile = profile_for(quick)
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
@@ -302,6 +309,7 @@ def run_demo(
         "seconds": {"sft": sft_seconds, "rl": run["rl_seconds"], "total": time.perf_counter() - start},
         "non_finite": run["non_finite"], "diagnostics": run["diagnostics"],
         "curves": {method: {"train": run["train"], "held_out": run["held_out"]}},
+        "held_out_problems": run["held_out_problems"],
     }  # fmt: skip
     write_outputs(summary, output_dir, plot_curves)
     return summary
@@ -311,7 +319,8 @@ def write_outputs(summary: dict, output_dir: str, plot) -> None:
     """``summary.json`` (strict JSON: non-finite numbers become ``null``) and ``curves.png``."""
     with open(os.path.join(output_dir, "summary.json"), "w") as f:
         json.dump(_strict(summary), f, indent=2, allow_nan=False)
-    plot(summary["curves"], os.path.join(output_dir, "curves.png"), title=_title(summary))
+    path = os.path.join(output_dir, "curves.png")
+    plot(summary["curves"], path, title=_title(summary), held_out_problems=summary["held_out_problems"])
     print(f"wrote {output_dir}/summary.json and {output_dir}/curves.png", flush=True)
 
 

@@ -39,8 +39,18 @@ __all__ = ["FAILURE_KINDS", "RubricJudge"]
 
 logger = logging.getLogger(__name__)
 
-FAILURE_KINDS = ("timeout", "connection", "server_error", "rate_limited", "client_error", "invalid_response",
-                 "empty", "unparseable", "deadline", "other")
+FAILURE_KINDS = (
+    "timeout",
+    "connection",
+    "server_error",
+    "rate_limited",
+    "client_error",
+    "invalid_response",
+    "empty",
+    "unparseable",
+    "deadline",
+    "other",
+)
 """Why a completion got ``None``: the keys of ``judge/failures/<kind>``."""
 
 
@@ -91,24 +101,62 @@ class RubricJudge:
             (for a plain ``GRPOTrainer``; ``PAPOTrainer`` logs :meth:`stats` itself).
         name: the reward's ``__name__`` (TRL's logging key).
         seed: seeds the backoff jitter.
+
+    Returns:
+        An async callable with TRL's reward signature: ``await judge(prompts=..., completions=..., **columns)``
+        gives one score in ``valid_scores`` or ``None`` per completion; :meth:`stats` gives its counters.
+
+    Examples:
+        >>> import asyncio
+        >>> from papo_trl.rewards import RubricJudge
+        >>> from papo_trl.rewards.judge_server import LocalJudgeServer
+        >>> with LocalJudgeServer(default_score=0.5) as server:  # a local stand-in for `vllm serve`
+        ...     judge = RubricJudge(server.base_url, model="openai/gpt-oss-20b")
+        ...     asyncio.run(judge(prompts=["What is 17 * 3?"], completions=["17 * 3 = 51, so 51."]))
+        [0.5]
+        >>> judge.stats()["judge/requests"], judge.stats()["judge/failures"]
+        (1.0, 0.0)
     """
 
-    def __init__(self, base_url: str, model: str = "openai/gpt-oss-20b", api_key: str = "EMPTY", *,
-                 rubric: str = RUBRIC_3_TIER, valid_scores: Sequence[float] = DEFAULT_VALID_SCORES,
-                 max_concurrency: int = 64, request_timeout: float = 300.0, max_retries: int = 3,
-                 backoff_base: float = 1.0, backoff_max: float = 30.0, batch_deadline: float | None = 900.0,
-                 temperature: float | None = 0.1, max_tokens: int | None = None, system_prompt: str | None = None,
-                 request_kwargs: Mapping[str, Any] | None = None,
-                 problem_keys: Sequence[str] = ("problem", "question"),
-                 reference_keys: Sequence[str] = ("reference_solution", "solution"),
-                 cache_size: int = 100_000, metrics_prefix: str = "judge", log_metrics: bool = False,
-                 name: str = "rubric_judge", seed: int | None = None):
-        for arg, value, low in (("max_concurrency", max_concurrency, 1), ("max_retries", max_retries, 0),
-                                ("cache_size", cache_size, 0)):
+    def __init__(
+        self,
+        base_url: str,
+        model: str = "openai/gpt-oss-20b",
+        api_key: str = "EMPTY",
+        *,
+        rubric: str = RUBRIC_3_TIER,
+        valid_scores: Sequence[float] = DEFAULT_VALID_SCORES,
+        max_concurrency: int = 64,
+        request_timeout: float = 300.0,
+        max_retries: int = 3,
+        backoff_base: float = 1.0,
+        backoff_max: float = 30.0,
+        batch_deadline: float | None = 900.0,
+        temperature: float | None = 0.1,
+        max_tokens: int | None = None,
+        system_prompt: str | None = None,
+        request_kwargs: Mapping[str, Any] | None = None,
+        problem_keys: Sequence[str] = ("problem", "question"),
+        reference_keys: Sequence[str] = ("reference_solution", "solution"),
+        cache_size: int = 100_000,
+        metrics_prefix: str = "judge",
+        log_metrics: bool = False,
+        name: str = "rubric_judge",
+        seed: int | None = None,
+    ):
+        for arg, value, low in (
+            ("max_concurrency", max_concurrency, 1),
+            ("max_retries", max_retries, 0),
+            ("cache_size", cache_size, 0),
+        ):
             if int(value) != value or value < low:
                 raise ValueError(f"{arg}: expected an integer >= {low}, got {value!r}")
-        for arg, value in (("request_timeout", request_timeout), ("backoff_base", backoff_base),
-                           ("backoff_max", backoff_max), ("batch_deadline", batch_deadline)):
+        for arg, value in (
+            ("request_timeout", request_timeout),
+            ("backoff_base", backoff_base),
+            ("backoff_max", backoff_max),
+            ("batch_deadline", batch_deadline),
+        ):
             if value is not None and not value > 0:
                 raise ValueError(f"{arg}: expected a positive number of seconds, got {value!r}")
         if not valid_scores or not all(math.isfinite(float(v)) for v in valid_scores):
@@ -139,8 +187,11 @@ class RubricJudge:
         self._last_batch_seconds = float("nan")
 
     def __getstate__(self) -> dict:  # picklable for TRL's spawned rollout workers: drop the runtime
-        state = {k: v for k, v in self.__dict__.items() if k not in
-                 ("_loop", "_client", "_semaphore", "_lock", "_totals", "_latencies")}
+        state = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("_loop", "_client", "_semaphore", "_lock", "_totals", "_latencies")
+        }
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -153,9 +204,13 @@ class RubricJudge:
             self._loop = loop
             # An explicit HTTP client: openai's default one schedules its own closing on whatever loop runs
             # when it is garbage-collected, which fails once its loop is closed (asyncio.run per call).
-            self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
-                                              timeout=self.request_timeout, max_retries=0,
-                                              http_client=openai.DefaultAsyncHttpxClient())
+            self._client = openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=self.api_key,
+                timeout=self.request_timeout,
+                max_retries=0,
+                http_client=openai.DefaultAsyncHttpxClient(),
+            )
             self._semaphore = asyncio.Semaphore(self.max_concurrency)
         return self._client, self._semaphore
 
@@ -166,13 +221,15 @@ class RubricJudge:
         self._loop = self._client = self._semaphore = None
 
     # ---------------------------------------------------------------- the reward function
-    async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
-                       completion_ids: Sequence[Any] | None = None, **kwargs) -> list[float | None]:
+    async def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], completion_ids: Sequence[Any] | None = None, **kwargs
+    ) -> list[float | None]:
         """One score in ``valid_scores`` or ``None`` per completion (``None`` completions are skipped)."""
         n = len(completions)
         if prompts is None or len(prompts) != n:
-            raise ValueError(f"prompts: expected {n} prompts (one per completion), got "
-                             f"{None if prompts is None else len(prompts)}")
+            raise ValueError(
+                f"prompts: expected {n} prompts (one per completion), got {None if prompts is None else len(prompts)}"
+            )
         started = time.perf_counter()
         batch: Counter[str] = Counter(completions=n)
         latencies: list[float] = []
@@ -185,8 +242,12 @@ class RubricJudge:
                 batch["skipped"] += 1
                 continue
             problem = problems[i] if problems is not None and problems[i] is not None else prompt_problem(prompts[i])
-            text = build_judge_prompt(str(problem), _strip_think(message_text(completion)),
-                                      None if references is None else references[i], self.rubric)
+            text = build_judge_prompt(
+                str(problem),
+                _strip_think(message_text(completion)),
+                None if references is None else references[i],
+                self.rubric,
+            )
             key = self._key(text)
             if key in self._cache:
                 self._cache.move_to_end(key)
@@ -249,7 +310,8 @@ class RubricJudge:
                 try:
                     reply = await asyncio.wait_for(
                         client.chat.completions.create(model=self.model, messages=messages, **options),
-                        self.request_timeout)
+                        self.request_timeout,
+                    )
                 except Exception as err:  # every failure is classified and counted, none escapes
                     latencies.append(time.perf_counter() - start)
                     kind, retry = _classify(err)
@@ -335,5 +397,7 @@ class RubricJudge:
         self._cache.clear()
 
     def __repr__(self) -> str:
-        return (f"RubricJudge(base_url={self.base_url!r}, model={self.model!r}, "
-                f"max_concurrency={self.max_concurrency}, valid_scores={self.valid_scores})")
+        return (
+            f"RubricJudge(base_url={self.base_url!r}, model={self.model!r}, "
+            f"max_concurrency={self.max_concurrency}, valid_scores={self.valid_scores})"
+        )

@@ -35,8 +35,14 @@ from collections import Counter
 __all__ = ["LocalJudgeServer"]
 
 _DIRECTIVE = re.compile(r"\[\[judge:([^\]]*)\]\]")
-_REASONS = {400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
-            502: "Bad Gateway", 503: "Service Unavailable"}
+_REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +66,16 @@ class LocalJudgeServer:
     """Scripted ``/v1/chat/completions`` server; ``requests`` holds every chat body received, ``attempts``
     counts attempts per distinct body, ``max_in_flight`` is the most chat requests served at once."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
-                 default_score: float = 1.0, model: str = "openai/gpt-oss-20b", record: bool = True):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        latency: float = 0.0,
+        default_score: float = 1.0,
+        model: str = "openai/gpt-oss-20b",
+        record: bool = True,
+    ):
         self.host, self.port, self.latency = host, port, latency
         self.default_score, self.model, self.record = default_score, model, record
         self.requests: list[dict] = []
@@ -139,8 +153,10 @@ class LocalJudgeServer:
                 if reply is None:  # "drop": vanish without an answer
                     break
                 status, payload = reply
-                head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(payload)}\r\nConnection: keep-alive\r\n\r\n")
+                head = (
+                    f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(payload)}\r\nConnection: keep-alive\r\n\r\n"
+                )
                 writer.write(head.encode("latin-1") + payload)
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
@@ -201,7 +217,9 @@ class LocalJudgeServer:
         elif mode in ("empty", "null"):
             message["content"] = "" if mode == "empty" else None
         return {
-            "id": f"chatcmpl-{sum(self.attempts.values())}", "object": "chat.completion", "created": int(time.time()),
+            "id": f"chatcmpl-{sum(self.attempts.values())}",
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": request.get("model", self.model),
             "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
@@ -209,15 +227,24 @@ class LocalJudgeServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every response")
-    parser.add_argument("--default-score", type=float, default=1.0)
+    """``python -m papo_trl.rewards.judge_server``: serve until interrupted, announcing the address on stdout."""
+    parser = argparse.ArgumentParser(
+        prog="python -m papo_trl.rewards.judge_server",
+        description="A stand-in OpenAI-compatible judge for dry runs without a GPU: it grades every response "
+        "--default-score (no model behind it) unless the response holds [[judge: ...]] directives (see the "
+        "module docstring). Point the trainer at it with --judge_base_url http://HOST:PORT/v1.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one "
+                        "(default: %(default)s)")  # fmt: skip
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every response (default: 0)")
+    parser.add_argument("--default-score", type=float, default=1.0, help="the score of every response "
+                        "without a directive (default: %(default)s)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-    server = LocalJudgeServer(args.host, args.port, latency=args.latency, default_score=args.default_score,
-                              record=False)
+    server = LocalJudgeServer(
+        args.host, args.port, latency=args.latency, default_score=args.default_score, record=False
+    )
 
     async def run() -> None:
         await server.serve()

@@ -40,12 +40,25 @@ def _gold_column(solution: Sequence[Any] | None, answer: Sequence[Any] | None, n
     return list(gold)
 
 
-def math_accuracy_reward(completions: Sequence[Any], solution: Sequence[Any] | None = None,
-                         answer: Sequence[Any] | None = None, **kwargs) -> list[float | None]:
+def math_accuracy_reward(
+    completions: Sequence[Any], solution: Sequence[Any] | None = None, answer: Sequence[Any] | None = None, **kwargs
+) -> list[float | None]:
     r"""1.0 if the completion's ``\boxed{}`` answer is math-verify-equivalent to the gold, else 0.0.
 
-    The gold comes from the ``solution`` column (TRL's name) or else ``answer``; a missing or unparseable gold
-    gives ``None``. ``log_extra`` (passed by the trainer) reaches TRL's function, which logs the parses.
+    Args:
+        completions: strings or conversational message lists (TRL's formats).
+        solution: the gold answers (TRL's column name); else ``answer`` is used.
+        answer: the gold answers when there is no ``solution`` column.
+        **kwargs: the other dataset columns and the trainer's hooks; ``log_extra`` reaches TRL's function, which
+            logs the parses.
+
+    Returns:
+        One reward per completion: 1.0, 0.0, or ``None`` where the gold is missing or unparseable.
+
+    Examples:
+        >>> from papo_trl.rewards import math_accuracy_reward
+        >>> math_accuracy_reward([r"so \boxed{\frac{1}{2}}", r"it is \boxed{0.4}"], solution=["$0.5$", "$0.5$"])
+        [1.0, 0.0]
     """
     gold = _gold_column(solution, answer, len(completions))
     messages = [[{"role": "assistant", "content": message_text(c)}] for c in completions]
@@ -65,7 +78,19 @@ def _gold_answer(gold: Any) -> str:
 def normalize_answer(text: str) -> str:
     r"""Canonical form of a short answer: ``$``, ``\text{}``/``\mathrm{}`` wrappers, LaTeX spaces, whitespace and
     a trailing period removed, lower-cased; a number (``1,234``, ``+042``, ``42.0``, ``0.50``) becomes its
-    plain decimal form (``1234``, ``42``, ``42``, ``0.5``)."""
+    plain decimal form (``1234``, ``42``, ``42``, ``0.5``).
+
+    Args:
+        text: an answer, e.g. the content of a ``\boxed{}``.
+
+    Returns:
+        The normalised string; two answers are equal iff their normal forms are.
+
+    Examples:
+        >>> from papo_trl.rewards import normalize_answer
+        >>> normalize_answer(" $1,234.50$ "), normalize_answer(r"\text{Yes}.")
+        ('1234.5', 'yes')
+    """
     t = text.strip().strip("$")
     for _ in range(3):  # nested wrappers, innermost first
         t = _WRAPPERS.sub(r"\1", t)
@@ -81,12 +106,25 @@ def normalize_answer(text: str) -> str:
     return t
 
 
-def exact_answer_reward(completions: Sequence[Any], answer: Sequence[Any] | None = None,
-                        solution: Sequence[Any] | None = None, **kwargs) -> list[float | None]:
-    r"""1.0 if the last ``\boxed{}`` after the reasoning equals the gold answer once both are normalised.
+def exact_answer_reward(
+    completions: Sequence[Any], answer: Sequence[Any] | None = None, solution: Sequence[Any] | None = None, **kwargs
+) -> list[float | None]:
+    r"""1.0 if the last ``\boxed{}`` after the reasoning equals the gold answer once both are normalised
+    (:func:`normalize_answer`).
 
-    The gold comes from the ``answer`` column or else ``solution`` (an int, a string, a ``\boxed{}`` solution or
-    a GSM8K ``#### n`` line); a ``None`` gold gives ``None``. No ``\boxed{}`` answer scores 0.0.
+    Args:
+        completions: strings or conversational message lists; ``<think>`` reasoning is removed first.
+        answer: the gold answers (an int, a string, a ``\boxed{}`` solution or a GSM8K ``#### n`` line).
+        solution: the gold answers when there is no ``answer`` column.
+        **kwargs: the other dataset columns; ``log_extra`` (from the trainer) logs the parsed answers.
+
+    Returns:
+        One reward per completion: 1.0, 0.0 (also without a ``\boxed{}`` answer), or ``None`` for a ``None`` gold.
+
+    Examples:
+        >>> from papo_trl.rewards import exact_answer_reward
+        >>> exact_answer_reward([r"<think>7?</think> \boxed{042}", "no answer"], answer=[42, 7])
+        [1.0, 0.0]
     """
     gold = answer if answer is not None else solution
     gold = _gold_column(gold, None, len(completions))

@@ -57,7 +57,19 @@ _TEXT_WRAP = re.compile(r"^\\(?:text|mathrm|textbf|mathbf)\s*\{(.*)\}$", re.DOTA
 
 def strip_think(text: str | None) -> str:
     """Remove reasoning: every ``<think>...</think>`` block, anything before a lone ``</think>`` and anything
-    after an unclosed ``<think>`` (a truncated reasoning trace has no answer)."""
+    after an unclosed ``<think>`` (a truncated reasoning trace has no answer).
+
+    Args:
+        text: a completion or a judge's reply (``None`` is empty).
+
+    Returns:
+        The text without its reasoning, stripped of surrounding whitespace.
+
+    Examples:
+        >>> from papo_trl.rewards import strip_think
+        >>> strip_think("<think>2 + 2 is 4, or 5?</think> The answer is 4."), strip_think("4 <think>truncated")
+        ('The answer is 4.', '4')
+    """
     if not text:
         return ""
     text = _THINK_BLOCK.sub("", text)
@@ -99,11 +111,27 @@ def prompt_problem(prompt: Any) -> str:
     return message_text(users[-1] if users else (prompt[-1] if prompt else None))
 
 
-def build_judge_prompt(problem: str, student_solution: str, reference_solution: str | None = None,
-                       rubric: str = RUBRIC_3_TIER) -> str:
+def build_judge_prompt(
+    problem: str, student_solution: str, reference_solution: str | None = None, rubric: str = RUBRIC_3_TIER
+) -> str:
     """Render the judge's user message; the Reference Solution section appears only when one is given.
 
     Sections are concatenated, never ``str.format``-ed, so LaTeX braces in the texts are safe.
+
+    Args:
+        problem: the problem statement.
+        student_solution: the completion to grade (its ``<think>`` already removed).
+        reference_solution: the dataset's reference solution, if any.
+        rubric: the scoring-rubric section.
+
+    Returns:
+        The prompt: Instruction, Scoring Rubric, Problem, (Reference Solution,) Student Solution, Evaluation.
+
+    Examples:
+        >>> from papo_trl.rewards import build_judge_prompt
+        >>> prompt = build_judge_prompt("What is 2+2?", "2+2=4, so the answer is 4.")
+        >>> [line for line in prompt.splitlines() if line.startswith("## ")]
+        ['## Instruction', '## Scoring Rubric', '## Problem', '## Student Solution', '## Evaluation']
     """
     sections = [_INSTRUCTION, rubric, "## Problem\n" + problem.strip()]
     if reference_solution is not None and str(reference_solution).strip():
@@ -158,7 +186,22 @@ def _snap(value: float | None, valid: Iterable[float]) -> float | None:
 
 def parse_score(output: str | None, valid_scores: Sequence[float] = DEFAULT_VALID_SCORES) -> float | None:
     r"""The judge's score: the last ``\boxed{}`` of the output with ``<think>`` removed, else the last
-    ``Score: s``; ``None`` when neither holds one of ``valid_scores``."""
+    ``Score: s``; ``None`` when neither holds one of ``valid_scores``.
+
+    Args:
+        output: the judge's reply (``None`` is unparseable).
+        valid_scores: the scores a verdict may take (``1/2``, ``\frac{1}{2}`` and ``0.5`` are the same).
+
+    Returns:
+        The score, or ``None`` for an unparseable verdict (never a silent 0).
+
+    Examples:
+        >>> from papo_trl.rewards import parse_score
+        >>> parse_score(r"The steps are right. Score: \boxed{\frac{1}{2}}"), parse_score("Score: 1")
+        (0.5, 1.0)
+        >>> parse_score("I cannot decide.") is None
+        True
+    """
     text = strip_think(output)
     boxed = _snap(_number(last_boxed(text) or ""), valid_scores)
     if boxed is not None:

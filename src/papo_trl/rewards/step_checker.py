@@ -105,7 +105,20 @@ def _step_is_correct(lhs: str, rhs: str) -> bool:
 
 
 def check_steps(text: str) -> StepReport:
-    """Check every step of one solution exactly; see the module docstring for what counts as a step."""
+    """Check every step of one solution exactly; see the module docstring for what counts as a step.
+
+    Args:
+        text: one solution, steps one per line (or ``;``-separated).
+
+    Returns:
+        A ``StepReport``: ``n_steps`` found, ``n_correct`` of them exactly true; ``.score`` is their fraction.
+
+    Examples:
+        >>> from papo_trl.rewards import check_steps
+        >>> report = check_steps("17+8=25\\n25-5=21\\nso the answer is 21")
+        >>> report, report.score
+        (StepReport(n_steps=2, n_correct=1), 0.5)
+    """
     steps = extract_steps(text)
     return StepReport(n_steps=len(steps), n_correct=sum(_step_is_correct(lhs, rhs) for lhs, rhs in steps))
 
@@ -126,9 +139,21 @@ def _completion_text(completion: Any) -> str:
 
 
 def step_checker_reward(prompts: list, completions: list, **kwargs: Any) -> list[float | None]:
-    """TRL reward function: for each completion, the fraction of its arithmetic steps that are correct.
+    """TRL reward function: for each completion, the fraction of its arithmetic steps that are correct
+    (:func:`check_steps`); the demo's process reward.
 
-    ``prompts`` is unused (steps are checked on their own); extra keyword arguments from the trainer are ignored.
+    Args:
+        prompts: unused (steps are checked on their own); ``None`` or one per completion.
+        completions: strings or lists of chat messages.
+        **kwargs: the trainer's other keyword arguments, ignored.
+
+    Returns:
+        One score in ``[0, 1]`` per completion (0.0 without any step).
+
+    Examples:
+        >>> from papo_trl.rewards import step_checker_reward
+        >>> step_checker_reward(None, ["17+8=25\\n25-5=21", "2*3=6"])
+        [0.5, 1.0]
     """
     if prompts is not None and len(prompts) != len(completions):
         raise ValueError(f"prompts and completions must have the same length, got {len(prompts)}, {len(completions)}")

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import next_pow2
+from .._runtime import compute_dtype, next_pow2
 from . import types
 from .types import GroupAdvantages, PAPOAdvantages
 
@@ -34,13 +34,21 @@ TILE = 1024  # responses per program (a power of two)
 MAX_G = 16384  # largest group a single tile holds
 TAIL = 4096  # elements per step of the last program's batch rescale (16 loads in flight per thread at 8 warps)
 TAIL_WARPS = 8  # warps of the batch-normalising launches, for the single program that rescales the batch
-_SCALE = {"group": 0, "batch": 1, "none": 2}
-_CHECK = {None: 0, "finite": 1, "nan": 2}
+MERGE_BLOCK = tl.constexpr(1024)  # programs' partials read per step by the last program's merge
+# GRPO's ``scale`` as the constexpr ``SCALE``
+SCALE_GROUP, SCALE_BATCH, SCALE_NONE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_SCALE = {"group": SCALE_GROUP.value, "batch": SCALE_BATCH.value, "none": SCALE_NONE.value}
+# The value check of the group counts (``CHECK``): none, a finite ``outcome``, a NaN-free ``correct``
+CHECK_NONE, CHECK_OUTCOME, CHECK_CORRECT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_CHECK = {None: CHECK_NONE.value, "outcome": CHECK_OUTCOME.value, "correct": CHECK_CORRECT.value}
 _REWARDS_INF = tl.constexpr(types.REWARDS_INF)
 _WEIGHTS_NONFINITE = tl.constexpr(types.WEIGHTS_NONFINITE)
 _OUTCOME_NONFINITE = tl.constexpr(types.OUTCOME_NONFINITE)
 _PROCESS_INF = tl.constexpr(types.PROCESS_INF)
 _CORRECT_NAN = tl.constexpr(types.CORRECT_NAN)
+# Slots of ``STATE`` and of a program's partials in ``PART``
+TICKET, BITS = tl.constexpr(0), tl.constexpr(1)
+P_COUNT, P_MEAN, P_M2, N_STATS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 _states: dict[tuple, torch.Tensor] = {}
 _scalars: dict[tuple, torch.Tensor] = {}
 
@@ -80,16 +88,16 @@ def _bit(cond, bit: tl.constexpr):
 @triton.jit
 def _take_ticket(STATE, bits):
     """Publish this program's error bits; True for the program that finishes last."""
-    tl.atomic_or(STATE + 1, bits)
-    ticket = tl.atomic_add(STATE, 1, sem="acq_rel")
+    tl.atomic_or(STATE + BITS, bits)
+    ticket = tl.atomic_add(STATE + TICKET, 1, sem="acq_rel")
     return ticket == tl.num_programs(0) - 1
 
 
 @triton.jit
 def _release(STATE, ERR):
     """Last program: write the call's error flag and zero ``STATE`` for the next call on this stream."""
-    tl.store(ERR, tl.atomic_xchg(STATE + 1, 0))
-    tl.atomic_xchg(STATE, 0)
+    tl.store(ERR, tl.atomic_xchg(STATE + BITS, 0))
+    tl.atomic_xchg(STATE + TICKET, 0)
 
 
 @triton.jit
@@ -99,9 +107,9 @@ def _publish(PART, x, valid):
     n = tl.sum(tl.sum(valid.to(tl.float64), axis=1), axis=0)
     mean = tl.sum(tl.sum(tl.where(valid, x, 0.0), axis=1), axis=0) / tl.maximum(n, 1.0)
     d = tl.where(valid, x - mean, 0.0)
-    tl.store(PART + pid * 3 + 0, n)
-    tl.store(PART + pid * 3 + 1, mean)
-    tl.store(PART + pid * 3 + 2, tl.sum(tl.sum(d * d, axis=1), axis=0))
+    tl.store(PART + pid * N_STATS + P_COUNT, n)
+    tl.store(PART + pid * N_STATS + P_MEAN, mean)
+    tl.store(PART + pid * N_STATS + P_M2, tl.sum(tl.sum(d * d, axis=1), axis=0))
 
 
 @triton.jit
@@ -113,17 +121,17 @@ def _merge(PART, N, NP_BLOCK: tl.constexpr):
     tot_s = tot_n
     for start in range(0, num_progs, NP_BLOCK):
         m = start + offs < num_progs
-        pn = tl.load(PART + (start + offs) * 3, mask=m, other=0.0, cache_modifier=".cg")
-        pm = tl.load(PART + (start + offs) * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
+        pn = tl.load(PART + (start + offs) * N_STATS + P_COUNT, mask=m, other=0.0, cache_modifier=".cg")
+        pm = tl.load(PART + (start + offs) * N_STATS + P_MEAN, mask=m, other=0.0, cache_modifier=".cg")
         tot_n += tl.sum(pn, axis=0)
         tot_s += tl.sum(pn * pm, axis=0)
     mean = tot_s / tot_n
     tot_m2 = tot_n * 0.0
     for start in range(0, num_progs, NP_BLOCK):
         m = start + offs < num_progs
-        pn = tl.load(PART + (start + offs) * 3, mask=m, other=0.0, cache_modifier=".cg")
-        pm = tl.load(PART + (start + offs) * 3 + 1, mask=m, other=0.0, cache_modifier=".cg")
-        pm2 = tl.load(PART + (start + offs) * 3 + 2, mask=m, other=0.0, cache_modifier=".cg")
+        pn = tl.load(PART + (start + offs) * N_STATS + P_COUNT, mask=m, other=0.0, cache_modifier=".cg")
+        pm = tl.load(PART + (start + offs) * N_STATS + P_MEAN, mask=m, other=0.0, cache_modifier=".cg")
+        pm2 = tl.load(PART + (start + offs) * N_STATS + P_M2, mask=m, other=0.0, cache_modifier=".cg")
         dm = tl.where(pn > 0.0, pm - mean, 0.0)
         tot_m2 += tl.sum(pm2 + pn * dm * dm, axis=0)
     std = tl.where(tot_n > 1.0, tl.sqrt(tot_m2 / (tot_n - 1.0)), float("nan"))
@@ -149,45 +157,71 @@ def _rescale(ADV, N, shift, den, TAIL: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------ kernels
-@triton.jit(do_not_specialize=["num_groups", "N"])
-def _grpo_kernel(
-    R, stride_n, stride_k, W, stride_w, ADV, MEAN, STD, ERR, PART, STATE, PARAM,
-    num_groups, N, G, K,
-    SCALE: tl.constexpr, HAS_W: tl.constexpr, GPP: tl.constexpr, BLOCK_G: tl.constexpr, TAIL: tl.constexpr,
+@triton.jit
+def _combined_rewards(
+    R, stride_n, stride_k, W, stride_w, MEAN, STD, PARAM, num_groups, G, K,
+    PER_COLUMN: tl.constexpr, HAS_W: tl.constexpr, GPP: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
+    """This program's tile and ``eps``, and ``x = nansum_k w_k x_k`` over the reward columns, ``x_k`` the column
+    itself (GRPO) or, with ``PER_COLUMN`` (GDPO), the column normalised within each group (its mean and std stored
+    per column). Returns ``groups, rows, inb, eps, x`` (NaN where a row has no scorable reward), where ``x`` is valid,
+    and the error bits of the rewards and weights."""
     groups, rows, inb = _tile(tl.program_id(0), num_groups, G, GPP, BLOCK_G)
     eps = tl.load(PARAM).to(tl.float64)
     total = tl.zeros([GPP, BLOCK_G], tl.float64)
     scorable = tl.zeros([GPP, BLOCK_G], tl.int1)
     r_inf = tl.zeros([GPP, BLOCK_G], tl.int1)
     w_bad = tl.zeros([GPP, BLOCK_G], tl.int32)  # int32: the interpreter cannot OR a bool scalar into a bool tile
+    gm = groups < num_groups
     for k in range(K):
         r = tl.load(R + rows * stride_n + k * stride_k, mask=inb, other=float("nan")).to(tl.float64)
-        ok = r == r
+        ok = inb & (r == r)
         r_inf = r_inf | (tl.abs(r) == float("inf"))
+        x = r
+        if PER_COLUMN:
+            mean, std, _ = _masked_stats(r, ok)
+            std = tl.where(G > 1, std, 0.0)
+            x = (r - mean[:, None]) / (std[:, None] + eps)
+            tl.store(MEAN + groups * K + k, mean, mask=gm)
+            tl.store(STD + groups * K + k, std, mask=gm)
         if HAS_W:
             w = tl.load(W + k * stride_w).to(tl.float64)
             w_bad = w_bad | _nonfinite(w).to(tl.int32)
-            r = r * w
-        total += tl.where(ok, r, 0.0)
+            x = x * w
+        if PER_COLUMN:
+            total += tl.where(x == x, x, 0.0)
+        else:
+            total += tl.where(ok, x, 0.0)
         scorable = scorable | ok
     valid = inb & scorable
-    x = tl.where(valid, total, float("nan"))
+    bits = _bit(r_inf, _REWARDS_INF) | _bit(w_bad, _WEIGHTS_NONFINITE)
+    return groups, rows, inb, eps, tl.where(valid, total, float("nan")), valid, bits
+
+
+@triton.jit(do_not_specialize=["num_groups", "N"])
+def _grpo_kernel(
+    R, stride_n, stride_k, W, stride_w, ADV, MEAN, STD, ERR, PART, STATE, PARAM,
+    num_groups, N, G, K,
+    SCALE: tl.constexpr, HAS_W: tl.constexpr, GPP: tl.constexpr, BLOCK_G: tl.constexpr, TAIL: tl.constexpr,
+):  # fmt: skip
+    groups, rows, inb, eps, x, valid, bits = _combined_rewards(
+        R, stride_n, stride_k, W, stride_w, MEAN, STD, PARAM, num_groups, G, K, False, HAS_W, GPP, BLOCK_G
+    )
     mean, std, n = _masked_stats(x, valid)
     std = tl.where(G > 1, std, 0.0)
     adv = x - mean[:, None]
-    if SCALE == 0:
+    if SCALE == SCALE_GROUP:
         adv = adv / (std[:, None] + eps)
     gm = groups < num_groups
     tl.store(MEAN + groups, mean, mask=gm)
-    if SCALE != 1:
+    if SCALE != SCALE_BATCH:
         tl.store(STD + groups, std, mask=gm)
     tl.store(ADV + rows, tl.where(adv == adv, adv, 0.0), mask=inb)
-    if SCALE == 1:
+    if SCALE == SCALE_BATCH:
         _publish(PART, x, valid)
-    if _take_ticket(STATE, _bit(r_inf, _REWARDS_INF) | _bit(w_bad, _WEIGHTS_NONFINITE)):
-        if SCALE == 1:
-            b_std = _merge(PART, N, 1024)[1]
+    if _take_ticket(STATE, bits):
+        if SCALE == SCALE_BATCH:
+            b_std = _merge(PART, N, MERGE_BLOCK)[1]
             _rescale(ADV, N, 0.0, b_std + eps, TAIL)
             for start in range(0, num_groups, TAIL):
                 offs = start + tl.arange(0, TAIL)
@@ -201,34 +235,13 @@ def _gdpo_kernel(
     num_groups, N, G, K,
     HAS_W: tl.constexpr, GPP: tl.constexpr, BLOCK_G: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    groups, rows, inb = _tile(tl.program_id(0), num_groups, G, GPP, BLOCK_G)
-    eps = tl.load(PARAM).to(tl.float64)
-    total = tl.zeros([GPP, BLOCK_G], tl.float64)
-    scorable = tl.zeros([GPP, BLOCK_G], tl.int1)
-    r_inf = tl.zeros([GPP, BLOCK_G], tl.int1)
-    w_bad = tl.zeros([GPP, BLOCK_G], tl.int32)  # int32: the interpreter cannot OR a bool scalar into a bool tile
-    gm = groups < num_groups
-    for k in range(K):
-        r = tl.load(R + rows * stride_n + k * stride_k, mask=inb, other=float("nan")).to(tl.float64)
-        ok = inb & (r == r)
-        r_inf = r_inf | (tl.abs(r) == float("inf"))
-        mean, std, _ = _masked_stats(r, ok)
-        std = tl.where(G > 1, std, 0.0)
-        a = (r - mean[:, None]) / (std[:, None] + eps)
-        if HAS_W:
-            w = tl.load(W + k * stride_w).to(tl.float64)
-            w_bad = w_bad | _nonfinite(w).to(tl.int32)
-            a = a * w
-        total += tl.where(a == a, a, 0.0)
-        scorable = scorable | ok
-        tl.store(MEAN + groups * K + k, mean, mask=gm)
-        tl.store(STD + groups * K + k, std, mask=gm)
-    valid = inb & scorable
-    x = tl.where(valid, total, float("nan"))
+    groups, rows, inb, eps, x, valid, bits = _combined_rewards(
+        R, stride_n, stride_k, W, stride_w, MEAN, STD, PARAM, num_groups, G, K, True, HAS_W, GPP, BLOCK_G
+    )
     tl.store(ADV + rows, x, mask=inb)
     _publish(PART, x, valid)
-    if _take_ticket(STATE, _bit(r_inf, _REWARDS_INF) | _bit(w_bad, _WEIGHTS_NONFINITE)):
-        b_mean, b_std = _merge(PART, N, 1024)
+    if _take_ticket(STATE, bits):
+        b_mean, b_std = _merge(PART, N, MERGE_BLOCK)
         _rescale(ADV, N, b_mean, b_std + eps, TAIL)
         _release(STATE, ERR)
 
@@ -292,9 +305,9 @@ def _group_count_kernel(
     tl.store(VARIES + groups, tl.max((inb & (x != first[:, None])).to(tl.int8), axis=1) != 0, mask=gm)
     tl.store(COUNT + groups, tl.sum((inb & (x != 0)).to(tl.int64), axis=1), mask=gm)
     bits = 0
-    if CHECK == 1:
+    if CHECK == CHECK_OUTCOME:
         bits = _bit(inb & _nonfinite(x), _OUTCOME_NONFINITE)
-    if CHECK == 2:
+    if CHECK == CHECK_CORRECT:
         bits = _bit(inb & (x != x), _CORRECT_NAN)
     if _take_ticket(STATE, bits):
         _release(STATE, ERR)
@@ -328,19 +341,15 @@ def _params(dtype: torch.dtype, device: torch.device, *values: float) -> torch.T
     return params
 
 
-def out_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _group_normalize(kernel, rewards, G, weights, eps, per_column: bool, batch: bool, **meta) -> GroupAdvantages:
-    N, dev, dtype = rewards.shape[0], rewards.device, out_dtype(rewards)
+    N, dev, dtype = rewards.shape[0], rewards.device, compute_dtype(rewards)
     K, stride_k = (rewards.shape[1], rewards.stride(1)) if rewards.dim() == 2 else (1, 0)
     num_groups = N // G
     gpp, block_g, grid, warps = _launch_shape(num_groups, G, TILE)
     S = num_groups * K if per_column else num_groups
     adv, mean, std = torch.empty(N + 2 * S, dtype=dtype, device=dev).split_with_sizes([N, S, S])
     error = torch.empty((), dtype=torch.int32, device=dev)
-    part = torch.empty(grid[0] * 3, dtype=torch.float64, device=dev) if batch else adv
+    part = torch.empty(grid[0] * N_STATS.value, dtype=torch.float64, device=dev) if batch else adv
     w = rewards if weights is None else weights
     kernel[grid](
         rewards, rewards.stride(0), stride_k, w, w.stride(0), adv, mean, std, error, part, _state(dev),
@@ -353,16 +362,21 @@ def _group_normalize(kernel, rewards, G, weights, eps, per_column: bool, batch: 
     return GroupAdvantages(adv, mean, std, error)
 
 
-def grpo_advantages(rewards, G, weights, scale, eps) -> GroupAdvantages:
+def fused_grpo_advantages(rewards, G, weights, scale, eps) -> GroupAdvantages:
+    """``papo_kernels.grpo_advantages`` in one launch (arguments checked by the caller)."""
     return _group_normalize(_grpo_kernel, rewards, G, weights, eps, False, scale == "batch", SCALE=_SCALE[scale])
 
 
-def gdpo_advantages(rewards, G, weights, eps) -> GroupAdvantages:
+def fused_gdpo_advantages(rewards, G, weights, eps) -> GroupAdvantages:
+    """``papo_kernels.gdpo_advantages`` in one launch (arguments checked by the caller)."""
     return _group_normalize(_gdpo_kernel, rewards, G, weights, eps, True, True)
 
 
-def papo_advantages(outcome, process, correct, G, lambda_process, eps, scale_by_std, process_norm):
-    N, dev, dtype = outcome.shape[0], outcome.device, out_dtype(outcome)
+def fused_papo_advantages(
+    outcome, process, correct, G, lambda_process, eps, scale_by_std, process_norm
+) -> PAPOAdvantages:
+    """``papo_kernels.papo_advantages`` in one launch (arguments checked by the caller)."""
+    N, dev, dtype = outcome.shape[0], outcome.device, compute_dtype(outcome)
     num_groups = N // G
     gpp, block_g, grid, warps = _launch_shape(num_groups, G, TILE)
     out = torch.empty(3 * N + 4 * num_groups, dtype=dtype, device=dev)
@@ -380,7 +394,7 @@ def papo_advantages(outcome, process, correct, G, lambda_process, eps, scale_by_
 def group_counts(x: torch.Tensor, G: int, check: str | None = None):
     """``(varies[num_groups] bool, nonzero count[num_groups] int64, error)`` in one launch.
 
-    ``check="finite"`` flags a non-finite ``x`` as a bad outcome, ``"nan"`` a NaN ``x`` as a bad ``correct``.
+    ``check="outcome"`` flags a non-finite ``x`` as a bad ``outcome``, ``"correct"`` a NaN ``x`` as a bad ``correct``.
     """
     num_groups = x.shape[0] // G
     gpp, block_g, grid, warps = _launch_shape(num_groups, G, TILE)

@@ -1,4 +1,5 @@
-"""The trainer side of DARO: bucket annotations, the per-sequence loss scale, weight updates and their state.
+"""DARO's trainer state: the weights, their optimiser and the statistics of the current optimiser step; the math
+(the weights' objective, the bucket sums, the per-sequence scale) is :mod:`papo_kernels.daro`.
 
 The policy loss of a micro-batch is ``sum_b scale_b * sum_t loss_bt`` with ``scale_b = w_k / T_k`` (``k`` the
 pass-rate bucket of the sequence's group, ``T_k`` the bucket's token count over the whole generation batch,
@@ -14,12 +15,14 @@ from __future__ import annotations
 import torch
 from accelerate.utils import broadcast
 
-from papo_kernels import DAROWeights, pass_rate_buckets
-from papo_kernels.daro import bucket_loss_stats
+from papo_kernels import DAROWeights
+from papo_kernels.daro import bucket_loss_stats, sequence_buckets
 
 
-class DAROController:
-    """DARO's learnable weights, their optimiser and the statistics of the current optimiser step."""
+class DAROState:
+    """What ``PAPOTrainer`` keeps for DARO (``advantage_estimator="daro"``): the learnable weights
+    (:class:`papo_kernels.DAROWeights`), their Adam optimiser and this optimiser step's per-bucket loss sums and
+    token counts; checkpointed with :meth:`state_dict`."""
 
     def __init__(self, G: int, *, learning_rate: float, init_weight: float, max_weight: float, device):
         self.G = G
@@ -34,10 +37,7 @@ class DAROController:
 
     def annotate(self, correct: torch.Tensor, row_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row of the gathered batch: its group's bucket ``k`` and that bucket's total token count ``T_k``."""
-        buckets = pass_rate_buckets(correct, self.G).repeat_interleave(self.G)
-        totals = torch.zeros(self.G + 1, dtype=torch.float32, device=row_tokens.device)
-        totals.index_add_(0, buckets, row_tokens.float())
-        return buckets, totals[buckets]
+        return sequence_buckets(correct, row_tokens, self.G)
 
     def sequence_scale(self, buckets: torch.Tensor, bucket_tokens: torch.Tensor, factor: float) -> torch.Tensor:
         """``factor * w_k / T_k`` per sequence (0 for the buckets ``k = 0, G``)."""
