@@ -55,10 +55,15 @@ class DemoArguments:
     compare: bool = field(default=False, metadata={"help": "Run papo, grpo and prm_only from one warm start."})
     quick: bool = field(default=False, metadata={"help": f"Shortened CI run (also: {QUICK_ENV}=1)."})
     seed: int = field(default=0, metadata={"help": "Seed of the data, the model and the trainers."})
+    seeds: list[int] | None = field(
+        default=None, metadata={"help": "With --compare: run on each seed, report mean and min-max (e.g. 0 1 2)."}
+    )
     output_dir: str | None = field(
         default=None, metadata={"help": "Where summary.json and curves.png go; unset: papo_demo[_compare]."}
     )
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads; unset: torch's choice."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads; unset: torch's choice (1 with --compare)."}
+    )
 
     def __post_init__(self):
         if self.num_threads is not None and self.num_threads < 1:
@@ -342,9 +347,11 @@ def run_demo_command(args: DemoArguments) -> int:
         from .demo.compare import run_compare
 
         summary = run_compare(seed=args.seed, quick=args.quick, output_dir=args.output_dir or "papo_demo_compare",
-                              num_threads=args.num_threads)  # fmt: skip
+                              num_threads=args.num_threads, seeds=args.seeds)  # fmt: skip
         non_finite = [item for run in summary["runs"].values() for item in run["non_finite"]]
     else:
+        if args.seeds:
+            raise ValueError("--seeds needs --compare (a single run takes --seed)")
         from .demo.run import run_demo
 
         summary = run_demo(args.method, seed=args.seed, quick=args.quick, output_dir=args.output_dir or "papo_demo",

@@ -6,6 +6,8 @@ Keys (averaged over the logging window by TRL's ``log``):
 * ``papo/process_active_ratio``: fraction of groups whose ``A_proc`` is non-zero;
 * ``papo/zero_advantage_frac``: fraction of responses with advantage exactly 0 (no learning signal);
 * ``papo/correct_frac`` and ``papo/adv_{correct,incorrect}/{mean,min}``;
+* the learning signal by group (:func:`signal_metrics`): ``papo/zero_advantage_group_frac``,
+  ``papo/all_correct_group_frac``, ``papo/all_incorrect_group_frac`` and ``papo/process_accuracy_corr``;
 * ``process_rewards/<name>/{mean,std}`` over the scored responses, ``process_rewards/scored_frac`` (of all
   responses) and ``process_rewards/scored_frac_correct`` (of the correct ones);
 * reward-function counters (a judge's ``stats()``): see :func:`reward_func_counters`.
@@ -21,6 +23,11 @@ import torch
 from .estimators import Advantages
 
 NAN = float("nan")
+# where the learning signal is (the PAPO paper's measure: the responses whose advantage is 0 teach nothing)
+SIGNAL_KEYS = (
+    "papo/zero_advantage_frac", "papo/zero_advantage_group_frac", "papo/all_correct_group_frac",
+    "papo/all_incorrect_group_frac", "papo/process_active_ratio", "papo/process_accuracy_corr",
+)  # fmt: skip
 INTENSIVE = ("latency", "mean", "seconds", "rate", "ratio", "frac", "size", "avg")
 
 
@@ -50,6 +57,53 @@ def advantage_metrics(adv: Advantages, correct: torch.Tensor, valid: torch.Tenso
         values = total[sel]
         m[f"papo/adv_{name}/mean"] = values.mean().item() if values.numel() else NAN
         m[f"papo/adv_{name}/min"] = values.min().item() if values.numel() else NAN
+    return m
+
+
+def _group_frac(flags: torch.Tensor) -> float:
+    return flags.float().mean().item() if flags.numel() else NAN
+
+
+def process_accuracy_corr(process: torch.Tensor, correct: torch.Tensor) -> float:
+    """Pearson correlation ``r = cov(p, c) / (std(p) std(c))`` between the process score ``p`` and correctness
+    ``c`` in {0, 1} (the point-biserial correlation), over the responses with a process score (NaN = not scored),
+    in float64. NaN where it is undefined: fewer than two scored responses, or ``p`` or ``c`` constant over them -
+    in particular when only correct responses are scored (``process_reward_on_correct_only=True``)."""
+    scored = ~torch.isnan(process)
+    p, c = process[scored].double(), correct[scored].double()
+    if p.numel() < 2:
+        return NAN
+    p, c = p - p.mean(), c - c.mean()
+    denominator = (p.square().sum() * c.square().sum()).sqrt()
+    return (p * c).sum().div(denominator).item() if denominator > 0 else NAN
+
+
+def signal_metrics(
+    total: torch.Tensor,
+    correct: torch.Tensor,
+    G: int,
+    valid: torch.Tensor | None = None,
+    process: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Where the batch's learning signal is, over the groups of ``G`` rows in `valid` (all when ``None``):
+
+    * ``papo/zero_advantage_group_frac``: groups whose every advantage ``total`` is exactly 0;
+    * ``papo/all_correct_group_frac`` / ``papo/all_incorrect_group_frac``: groups whose responses are all correct /
+      all incorrect (under GRPO on a binary outcome these are exactly the zero-advantage groups; PAPO's ``A_proc``
+      gives all-correct groups a signal where their process scores differ);
+    * ``papo/process_accuracy_corr`` (with `process[N]`, the combined process score, NaN = not scored): see
+      :func:`process_accuracy_corr`, over the valid rows.
+    """
+    keep = torch.ones_like(correct) if valid is None else valid
+    groups = keep.view(-1, G).all(dim=1)
+    zero, right = (total == 0).view(-1, G)[groups], correct.view(-1, G)[groups]
+    m = {
+        "papo/zero_advantage_group_frac": _group_frac(zero.all(dim=1)),
+        "papo/all_correct_group_frac": _group_frac(right.all(dim=1)),
+        "papo/all_incorrect_group_frac": _group_frac(~right.any(dim=1)),
+    }
+    if process is not None:
+        m["papo/process_accuracy_corr"] = process_accuracy_corr(process[keep], correct[keep])
     return m
 
 

@@ -35,7 +35,7 @@ from papo_kernels.loss import PolicyLossConfig, PolicyLossOutput, loss_from_logp
 
 from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
 from .daro_state import DAROState
-from .diagnostics import advantage_metrics, process_metrics, reward_func_counters
+from .diagnostics import advantage_metrics, process_metrics, reward_func_counters, signal_metrics
 from .entropy_control import loss_config_for_step, update_entropy_control
 from .estimators import compute_advantages, correctness, fill_unscorable
 from .fused_head import PolicyLossInputs, add_fused_policy_loss_head
@@ -293,6 +293,7 @@ class PAPOTrainer(GRPOTrainer):
             self._logs["advantages"].extend(logged.tolist())
         check_error(adv.error)  # the kernel's value checks, read once the logging above has synchronised
         metrics = advantage_metrics(adv, correct, valid)
+        metrics.update(signal_metrics(adv.total, correct, G, valid, process=combined))
         if process is not None:
             metrics.update(process_metrics(process, self.process_reward_func_names, correct))
         for key, value in metrics.items():

@@ -10,6 +10,7 @@ import torch
 from papo_trl.demo import model as demo_model
 from papo_trl.demo.model import ALPHABET, build_model, build_tokenizer
 from papo_trl.demo.task import TaskSpec, make_dataset, make_problem, make_splits
+from papo_trl.diagnostics import SIGNAL_KEYS
 from papo_trl.rewards import exact_answer_reward, step_checker_reward
 
 
@@ -120,14 +121,25 @@ def _check_outputs(out_dir, methods):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     numbers = list(_finite_numbers(summary))
     assert numbers and all(math.isfinite(x) for x in numbers)
-    assert sorted(p.name for p in out_dir.iterdir()) == ["curves.png", "summary.json"]  # no empty trainer folders
+    expected = ["curves.png", "summary.json"] + (["table.md"] if "seeds" in summary else [])
+    assert sorted(p.name for p in out_dir.iterdir()) == expected  # no empty trainer folders
     assert 0 < summary["held_out_problems"]["curve"] <= summary["held_out_problems"]["total"]
     for method in methods:
-        held_out = summary["curves"][method]["held_out"]
-        assert held_out[0]["step"] == 0 and len(held_out) >= 2
-        assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["process_score"] <= 1.0 for r in held_out)
-        assert summary["curves"][method]["train"], "no training logs recorded"
+        runs = summary["curves"][method]
+        for run in runs if isinstance(runs, list) else [runs]:
+            held_out = run["held_out"]
+            assert held_out[0]["step"] == 0 and len(held_out) >= 2
+            assert all(0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["process_score"] <= 1.0 for r in held_out)
+            assert run["train"], "no training logs recorded"
     return summary
+
+
+def _check_diagnostics(diagnostics):
+    """Every method logs the learning-signal shares; PAPO alone has an A_proc."""
+    for key in SIGNAL_KEYS:
+        assert set(diagnostics[key]) == {"mean", "start", "end"}
+    for key in ("papo/zero_advantage_frac", "papo/all_correct_group_frac", "papo/all_incorrect_group_frac"):
+        assert 0.0 <= diagnostics[key]["mean"] <= 1.0
 
 
 @pytest.mark.slow
@@ -141,11 +153,14 @@ def test_quick_demo_end_to_end(tmp_path):
     for key in ("before", "after"):
         assert 0.0 <= summary[key]["accuracy"] <= 1.0 and summary[key]["mean_length"] > 0
     assert summary["seconds"]["total"] > 0
+    _check_diagnostics(summary["diagnostics"])
+    assert 0.0 <= summary["diagnostics"]["papo/process_active_ratio"]["mean"] <= 1.0
 
 
 @pytest.mark.slow
-def test_compare_plumbing(tmp_path, monkeypatch):
-    """The comparison with a micro profile: every method runs from the same warm start and is plotted."""
+def test_compare_over_seeds(tmp_path, monkeypatch, capsys):
+    """The comparison with a micro profile on two seeds: every method runs from each seed's warm start, the summary
+    holds the mean and range over seeds, the plot and the table are written."""
     from dataclasses import replace
 
     from papo_trl.demo import compare, run
@@ -153,11 +168,33 @@ def test_compare_plumbing(tmp_path, monkeypatch):
     micro = replace(run.QUICK, n_sft=200, n_eval=20, sft_steps=4, rl_steps=2, eval_every=1, n_eval_curve=8)
     monkeypatch.setattr(run, "QUICK", micro)
     monkeypatch.setattr(compare, "QUICK", micro)
-    summary = compare.run_compare(seed=1, quick=True, output_dir=str(tmp_path / "cmp"))
-    _check_outputs(tmp_path / "cmp", ["grpo", "papo", "prm_only"])
-    assert set(summary["runs"]) == {"grpo", "papo", "prm_only"} and summary["quick"] is True
+    threads = torch.get_num_threads()
+    summary = compare.run_compare(quick=True, output_dir=str(tmp_path / "cmp"), seeds=[1, 2])
+    assert torch.get_num_threads() == threads and summary["num_threads"] == compare.COMPARE_THREADS
+    methods = ["grpo", "papo", "prm_only"]
+    _check_outputs(tmp_path / "cmp", methods)
+    assert summary["seeds"] == [1, 2] and summary["methods"] == methods and summary["quick"] is True
+    assert [r["seed"] for r in summary["per_seed"]] == [1, 2]
+    for method in methods:
+        assert [c["seed"] for c in summary["curves"][method]] == [1, 2]
+        accuracy = summary["runs"][method]["accuracy"]
+        finals = [r["runs"][method]["after"]["accuracy"] for r in summary["per_seed"]]
+        assert accuracy["values"] == finals and accuracy["n"] == 2
+        assert accuracy["min"] == min(finals) and accuracy["max"] == max(finals)
+        assert accuracy["mean"] == pytest.approx(sum(finals) / 2)
+        assert summary["runs"][method]["non_finite"] == []
+        for seed_run in summary["per_seed"]:
+            _check_diagnostics(seed_run["runs"][method]["diagnostics"])
+    assert summary["runs"]["grpo"]["papo/process_active_ratio"]["n"] == 0  # no A_proc without PAPO
+    assert summary["runs"]["papo"]["papo/process_active_ratio"]["n"] == 2
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert all(f"| {method} |" in table for method in methods) and "zero-advantage responses" in table
+    printed = capsys.readouterr().out  # the rich table, one column per run
+    assert "demo --compare: mean [min, max] over seeds 1, 2" in printed and "zero-advantage" in printed
     with pytest.raises(ValueError, match="methods"):
         compare.run_compare(methods=("ppo",))
+    with pytest.raises(ValueError, match="seeds"):
+        compare.run_compare(seeds=[0, 0])
 
 
 def test_model_spec_defaults_are_tiny():
@@ -177,6 +214,66 @@ def test_curve_recorder_flags_non_finite_training():
     recorder.on_log(None, SimpleNamespace(global_step=3), None, logs={"train_runtime": 1.0})  # summary row: skipped
     assert recorder.non_finite == ["loss@2", "grad_norm@3"]
     assert [row["step"] for row in recorder.train] == [1, 2, 3]
+
+
+def test_spread_over_seeds():
+    from papo_trl.demo.aggregate import spread
+
+    s = spread([0.5, None, 0.7, float("nan"), 0.9])
+    assert (s["mean"], s["min"], s["max"], s["n"]) == (pytest.approx(0.7), 0.5, 0.9, 3)
+    assert s["std"] == pytest.approx(0.2)  # sample std of 0.5, 0.7, 0.9
+    assert s["values"][0] == 0.5 and len(s["values"]) == 5
+    one, none = spread([0.25]), spread([None])
+    assert (one["mean"], one["std"], one["n"]) == (0.25, None, 1)
+    assert none["mean"] is none["min"] is none["std"] is None and none["n"] == 0
+
+
+def test_band_and_table_cells():
+    from papo_trl.demo.aggregate import spread
+    from papo_trl.demo.plots import band
+    from papo_trl.demo.table import format_cell
+
+    runs = [
+        {"held_out": [{"step": 0, "accuracy": 0.2}, {"step": 5, "accuracy": 0.6}]},
+        {"held_out": [{"step": 0, "accuracy": 0.4}, {"step": 5, "accuracy": float("nan")}]},
+    ]
+    steps, mean, low, high = band(runs, "held_out", "accuracy")  # step 5 is NaN in one run: left out
+    assert steps == [0] and mean == [pytest.approx(0.3)] and (low, high) == ([0.2], [0.4])
+    assert format_cell(spread([0.5, 0.75])) == "0.625 [0.500, 0.750]"
+    assert format_cell(spread([0.5, 0.75]), two_lines=True) == "0.625\n[0.50, 0.75]"
+    assert format_cell(spread([0.5])) == "0.500" and format_cell(spread([])) == format_cell(None) == "-"
+
+
+def test_compare_profile_trains_fewer_rl_steps():
+    from dataclasses import replace
+
+    from papo_trl.demo import compare, run
+
+    assert compare.compare_profile(quick=True) is run.QUICK
+    assert compare.compare_profile(quick=False) == replace(run.FULL, rl_steps=compare.COMPARE_RL_STEPS)
+    assert compare.COMPARE_RL_STEPS < run.FULL.rl_steps and compare.COMPARE_RL_STEPS % run.FULL.eval_every == 0
+
+
+def test_demo_methods_log_the_step_checker_on_every_response():
+    """GRPO and PRM-only pass the step checker as a logged-only process reward (the ``grpo`` estimator), so the
+    trainer logs the same learning-signal diagnostics for all three methods."""
+    from papo_trl.demo.run import FULL, rl_trainer_kwargs
+
+    for method, estimator, n_rewards in (("papo", "papo", 1), ("grpo", "grpo", 1), ("prm_only", "grpo", 2)):
+        kwargs = rl_trainer_kwargs(method, FULL, seed=0, output_dir="unused")
+        assert kwargs["process_reward_funcs"] == [step_checker_reward] and len(kwargs["reward_funcs"]) == n_rewards
+        args = kwargs["args"]
+        assert args.advantage_estimator == estimator and args.process_reward_on_correct_only is False
+    assert rl_trainer_kwargs("prm_only", FULL, 0, "unused")["args"].reward_weights == [0.0, 1.0]
+
+
+def test_seeds_flag():
+    from papo_trl.cli import parse_demo_args, run_demo_command
+
+    assert parse_demo_args(["--compare", "--seeds", "0", "1", "2"]).seeds == [0, 1, 2]
+    assert parse_demo_args(["--compare"]).seeds is None
+    with pytest.raises(ValueError, match="--seeds needs --compare"):
+        run_demo_command(parse_demo_args(["--seeds", "0", "1"]))
 
 
 def test_plot_names_the_evaluation_subset(tmp_path, monkeypatch):

@@ -7,8 +7,9 @@ import importlib
 
 METHODS = ("papo", "grpo", "prm_only")
 QUICK_ENV = "PAPO_DEMO_QUICK"
+OUTCOME_KEY = "rewards/exact_answer_reward/mean"  # the logged outcome reward: the sampled responses' accuracy
 
-__all__ = ["METHODS", "QUICK_ENV", "TaskSpec", "build_model", "build_tokenizer", "make_splits"]
+__all__ = ["METHODS", "OUTCOME_KEY", "QUICK_ENV", "TaskSpec", "build_model", "build_tokenizer", "make_splits"]
 _HOMES = {"TaskSpec": ".task", "make_splits": ".task", "build_model": ".model", "build_tokenizer": ".model"}
 
 

@@ -15,8 +15,13 @@ Methods (same rewards, different advantages):
 
 * ``papo``: outcome reward (exact boxed answer) + step-checker process reward, PAPO's decoupled advantages
   ``A = A_out + lambda_process * A_proc`` (``A_proc`` normalised over the correct responses only);
-* ``grpo``: GRPO on the outcome reward only (the step checker is scored and logged, not trained on);
+* ``grpo``: GRPO on the outcome reward only;
 * ``prm_only``: GRPO on the step-checker score only - the reward-hacking baseline of the PAPO paper.
+
+Every method passes the step checker as a process reward, scored on every response: PAPO trains on it, GRPO and
+PRM-only (the ``grpo`` estimator, TRL's advantages) only log it. So the trainer logs the same learning-signal
+diagnostics for all three (``papo/zero_advantage_frac`` and the group shares, see
+:func:`papo_trl.diagnostics.signal_metrics`); ``summary.json`` holds their means over the RL steps.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, set_seed
 
+from ..diagnostics import SIGNAL_KEYS
 from ..rewards import exact_answer_reward, step_checker_reward
-from . import METHODS, QUICK_ENV
+from . import METHODS, OUTCOME_KEY, QUICK_ENV
 from .model import TinyModelSpec, build_model, build_tokenizer
+from .plots import plot_curves
 from .task import TaskSpec, make_splits
 
-OUTCOME_KEY = "rewards/exact_answer_reward/mean"
 
 
 @dataclass
@@ -144,36 +150,44 @@ def rl_trainer_kwargs(method: str, profile: DemoProfile, seed: int, output_dir: 
         weight_decay=0.0, max_completion_length=profile.max_completion_length, temperature=1.0, beta=0.0,
         epsilon=0.2, epsilon_high=0.28, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available(), use_fused_loss=torch.cuda.is_available(), seed=seed, data_seed=seed,
-        dataloader_num_workers=0, bf16=False, **_no_checkpointing(PAPOConfig),
+        dataloader_num_workers=0, bf16=False, process_reward_on_correct_only=False, **_no_checkpointing(PAPOConfig),
     )  # fmt: skip
-    if method == "papo":
-        args = PAPOConfig(advantage_estimator="papo", **common)
-        return dict(reward_funcs=[exact_answer_reward], process_reward_funcs=[step_checker_reward], args=args)
-    if method == "grpo":
-        args = PAPOConfig(advantage_estimator="grpo", **common)
-        return dict(reward_funcs=[exact_answer_reward], process_reward_funcs=[step_checker_reward], args=args)
+    # the step checker is every method's process reward (scored on every response): PAPO trains on it, GRPO and
+    # PRM-only only log it - and the trainer logs the learning-signal diagnostics of all three
+    process = dict(process_reward_funcs=[step_checker_reward])
+    if method in ("papo", "grpo"):
+        args = PAPOConfig(advantage_estimator=method, **common)
+        return dict(reward_funcs=[exact_answer_reward], args=args, **process)
     # PRM-only: the step-checker score is the only reward that moves the policy; the outcome is logged
     args = PAPOConfig(advantage_estimator="grpo", reward_weights=[0.0, 1.0], correctness_reward_index=0, **common)
-    return dict(reward_funcs=[exact_answer_reward, step_checker_reward], args=args)
+    return dict(reward_funcs=[exact_answer_reward, step_checker_reward], args=args, **process)
 
 
 class _PostfixProgress(ProgressCallback):
-    """The trainer's progress bar, showing a few logged values as its postfix instead of printing every log."""
+    """The trainer's progress bar, labelled ``desc``, showing a few logged values (and those ``extra()`` returns)
+    as its postfix instead of printing every log."""
 
-    def __init__(self, keys: dict[str, str]):
+    def __init__(self, keys: dict[str, str], desc: str | None = None, extra=None):
         super().__init__()
-        self.keys = keys
+        self.keys, self.desc, self.extra = keys, desc, extra
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None and self.desc:
+            self.training_bar.set_description(self.desc, refresh=False)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is not None and logs:
             shown = {short: f"{logs[key]:.3g}" for key, short in self.keys.items() if isinstance(logs.get(key), float)}
+            shown.update(self.extra() if self.extra else {})
             self.training_bar.set_postfix(shown, refresh=False)
 
 
-def quiet_progress(trainer, keys: dict[str, str]) -> None:
-    """Replace ``trainer``'s progress callback by one that shows ``keys`` (log key -> short name) as a postfix."""
+def quiet_progress(trainer, keys: dict[str, str], desc: str | None = None, extra=None) -> None:
+    """Replace ``trainer``'s progress callback by one labelled ``desc`` that shows ``keys`` (log key -> short name)
+    and ``extra()`` (short name -> text) as a postfix."""
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_PostfixProgress(keys))
+    trainer.add_callback(_PostfixProgress(keys, desc, extra))
 
 
 class CurveRecorder(TrainerCallback):
@@ -219,7 +233,10 @@ def train_rl(model, tokenizer, data, method: str, profile: DemoProfile, seed: in
     trainer = PAPOTrainer(
         model=model, train_dataset=data["rl"], processing_class=tokenizer, callbacks=[recorder], **kwargs
     )
-    quiet_progress(trainer, {OUTCOME_KEY: "reward", "entropy": "entropy"})
+    # the accuracy of the sampled responses at each step, and the latest greedy held-out accuracy
+    held_out = lambda: {"held_out_acc": f"{recorder.held_out[-1]['accuracy']:.3f}"}  # noqa: E731
+    keys = {OUTCOME_KEY: "train_acc", "papo/zero_advantage_frac": "zero_adv"}
+    quiet_progress(trainer, keys, desc=f"RL {method}, seed {seed}", extra=held_out)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -229,7 +246,27 @@ def train_rl(model, tokenizer, data, method: str, profile: DemoProfile, seed: in
         non_finite.append("parameters")
     held_out_problems = {"curve": len(curve_set), "total": len(data["eval"])}
     return {"train": recorder.train, "held_out": recorder.held_out, "rl_seconds": seconds, "non_finite": non_finite,
-            "held_out_problems": held_out_problems}  # fmt: skip
+            "diagnostics": diagnostics_summary(recorder.train), "held_out_problems": held_out_problems}  # fmt: skip
+
+
+def diagnostics_summary(train_rows: list[dict], tail: float = 0.1) -> dict[str, dict]:
+    """The learning-signal diagnostics (``SIGNAL_KEYS``) of one run: per key, the mean over the logged RL steps
+    (steps where it is undefined are skipped; ``None`` if it never is), and the means over the first and the last
+    ``tail`` of the steps (``start``, ``end``)."""
+    out = {}
+    for key in SIGNAL_KEYS:
+        values = [row[key] for row in train_rows if _finite_value(row.get(key))]
+        k = max(1, round(tail * len(values)))
+        out[key] = {"mean": _mean(values), "start": _mean(values[:k]), "end": _mean(values[-k:])}
+    return out
+
+
+def _finite_value(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def prepare(profile: DemoProfile, seed: int, output_dir: str, num_threads: int | None = None):
@@ -256,8 +293,6 @@ def run_demo(
     num_threads: int | None = None,
 ) -> dict:
     """The whole demo for one method; writes ``summary.json`` and ``curves.png`` and returns the summary."""
-    from .plots import plot_curves
-
     profile = profile_for(quick)
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
@@ -272,7 +307,8 @@ def run_demo(
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "before": before, "after": after, "improvement": after["accuracy"] - before["accuracy"],
         "seconds": {"sft": sft_seconds, "rl": run["rl_seconds"], "total": time.perf_counter() - start},
-        "non_finite": run["non_finite"], "curves": {method: {"train": run["train"], "held_out": run["held_out"]}},
+        "non_finite": run["non_finite"], "diagnostics": run["diagnostics"],
+        "curves": {method: {"train": run["train"], "held_out": run["held_out"]}},
         "held_out_problems": run["held_out_problems"],
     }  # fmt: skip
     write_outputs(summary, output_dir, plot_curves)
@@ -290,7 +326,9 @@ def write_outputs(summary: dict, output_dir: str, plot) -> None:
 
 def _title(summary: dict) -> str:
     kind = "comparison" if "runs" in summary else summary["method"]
-    return f"papo-train demo: {kind}, seed {summary['seed']}{', quick' if summary['quick'] else ''}"
+    seeds = summary.get("seeds", [summary.get("seed")])
+    seeds = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (mean, min-max)"
+    return f"papo-train demo: {kind}, {seeds}{', quick' if summary['quick'] else ''}"
 
 
 def _strict(value):
