@@ -66,28 +66,20 @@ def _row(i, row0, ROWS, T_x, sxb, sxt, sdb, sdt, HAS_ROWS: tl.constexpr, ALIGNED
 
 
 @triton.jit
-def _fold(y, m, s, a, k2):
-    """Fold one block into the running maximum ``m`` and the lane sums ``s = sum 2^d``, ``a = sum 2^d d``."""
+def _fold(y, m, s, a, k2, LANES: tl.constexpr):
+    """Fold one block into the running maximum ``m`` and the sums ``s = sum 2^d``, ``a = sum 2^d d``: per lane
+    (``LANES``), else reduced over the block at once (scalars: fewer registers, one more reduction a block)."""
     new_m = tl.maximum(m, tl.max(y, axis=0))
     dm = (m - new_m) * k2
     c = tl.exp2(dm)
     d = tl.maximum((y - new_m) * k2, FLOOR)
     e = tl.exp2(d)
-    a = tl.where(s > 0, c * (a + s * dm), 0.0) + e * d
+    ed = e * d
+    if not LANES:
+        e = tl.sum(e, axis=0)
+        ed = tl.sum(ed, axis=0)
+    a = tl.where(s > 0, c * (a + s * dm), 0.0) + ed
     s = c * s + e
-    return new_m, s, a
-
-
-@triton.jit
-def _fold_sums(y, m, s, a, k2):
-    """``_fold`` with ``s`` and ``a`` reduced over the block at once (scalars: fewer registers, one more reduction)."""
-    new_m = tl.maximum(m, tl.max(y, axis=0))
-    dm = (m - new_m) * k2
-    c = tl.exp2(dm)
-    d = tl.maximum((y - new_m) * k2, FLOOR)
-    e = tl.exp2(d)
-    a = tl.where(s > 0, c * (a + s * dm), 0.0) + tl.sum(e * d, axis=0)
-    s = c * s + tl.sum(e, axis=0)
     return new_m, s, a
 
 
@@ -108,21 +100,12 @@ def _row_stats(xrow, x_id, V, P, k2, zero, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.
         for start in range(BLOCK, n_full, BLOCK):
             cur = nxt
             nxt = tl.load(xrow + start + cols)
-            if LANES:
-                m, s, a = _fold(_cap(cur.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
-            else:
-                m, s, a = _fold_sums(_cap(cur.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
-        if LANES:
-            m, s, a = _fold(_cap(nxt.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
-        else:
-            m, s, a = _fold_sums(_cap(nxt.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2)
+            m, s, a = _fold(_cap(cur.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2, LANES)
+        m, s, a = _fold(_cap(nxt.to(zero.dtype), P, HAS_SOFTCAP), m, s, a, k2, LANES)
     if n_full < V:
         inb = n_full + cols < V
         y = _cap(tl.load(xrow + n_full + cols, mask=inb, other=float("-inf")).to(zero.dtype), P, HAS_SOFTCAP)
-        if LANES:
-            m, s, a = _fold(tl.where(inb, y, float("-inf")), m, s, a, k2)
-        else:
-            m, s, a = _fold_sums(tl.where(inb, y, float("-inf")), m, s, a, k2)
+        m, s, a = _fold(tl.where(inb, y, float("-inf")), m, s, a, k2, LANES)
     if LANES:
         s = tl.sum(s, axis=0)
         a = tl.sum(a, axis=0)
