@@ -121,10 +121,10 @@ def test_second_backward_raises(device):
 
 def test_programs_fit_the_l2_and_the_sms():
     """Rows in flight on an H100 (132 SMs, 50 MB of L2): one program per SM for the widest blocks, more for narrow
-    rows while the L2 holds them; rows up to 65,536 logits take the one-warp tile."""
-    big = launch.tile(151936)
-    assert big == (8192, 16) and launch.tile(100) == (1024, 1) and launch.tile(32000) == (1024, 1)
-    assert launch.tile(65537) == (8192, 16)
+    rows while the L2 holds them; rows up to 262,144 logits take the one-warp tile."""
+    assert launch.tile(100) == launch.tile(32000) == launch.tile(151936) == launch.tile(1 << 18) == (1024, 1)
+    big = launch.tile((1 << 18) + 1)
+    assert big == (8192, 16)
     h100 = (132, 50 << 20)
     assert launch.occupancy(10**6, big[1], 151936 * 2, *h100) == 132
     assert launch.occupancy(10**6, 4, 2048 * 2, *h100) == 132 * 4

@@ -47,7 +47,6 @@ from .plots import plot_curves
 from .task import TaskSpec, make_splits
 
 
-
 @dataclass
 class DemoProfile:
     """Sizes and hyper-parameters of one demo run (``full`` is the default, ``quick`` the CI smoke run)."""
