@@ -48,14 +48,23 @@ def plot_curves(curves: dict[str, dict], path: str, title: str = "", held_out_pr
             if source == "train":
                 values = moving_average(values, window=max(1, len(values) // 20))
             ax.plot(steps, values, marker="o" if source == "held_out" else None, ms=3, label=method)
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
+        _finish_panel(ax, label)
+    _save(fig, path, title, dpi=110)
+
+
+def _finish_panel(ax, label: str) -> None:
+    ax.set_title(label, fontsize=10)
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+    if ax.lines:
         ax.legend(fontsize=8)
+
+
+def _save(fig, path: str, title: str, dpi: int) -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -105,13 +114,5 @@ def plot_spread(
             ax.plot(steps, mean, color=color, marker="o" if source == "held_out" else None, ms=3, label=method)
             if len(runs) > 1:
                 ax.fill_between(steps, low, high, color=color, alpha=0.2, linewidth=0)
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+        _finish_panel(ax, label)
+    _save(fig, path, title, dpi=80)
