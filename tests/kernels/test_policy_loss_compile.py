@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss, policy_loss
+from papo_kernels.loss import launch
 from papo_kernels.loss.batch import _count_kernel, _finalize_kernel, _quantile_kernel, _sequence_kernel
 from papo_kernels.loss.rows import _rows, _scale_rows
 from tests.kernels import _aot_compile
@@ -57,15 +58,20 @@ def _run_cases():
                 kw["sampling_logps"] = torch.randn(B, T, generator=g)
             out = policy_loss(x, ids, torch.ones(B, T, dtype=torch.bool), torch.randn(B, generator=g), config=cfg, **kw)
             out.loss.backward()
-    # the benchmark's vocabularies in bf16 (DAPO, k3 KL, entropy; padded), in place, and a forward without gradient
+    # the benchmark's vocabularies in bf16 (DAPO, k3 KL, entropy; padded), in place, and a forward without gradient,
+    # on both tiles (the one-warp tile, and the wide one that wider vocabularies take)
     cfg = PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01)
-    for V in (151936, 32000):
-        x = torch.randn(1, 3, V, dtype=torch.bfloat16, generator=g).requires_grad_()
-        ids, adv, ref = torch.randint(0, V, (1, 3), generator=g), torch.randn(1, generator=g), torch.randn(1, 3)
-        mask = torch.tensor([[1, 1, 0]])
-        policy_loss(x, ids, mask, adv, ref_logps=ref, config=cfg, inplace_grad=True).loss.backward()
-        with torch.no_grad():
-            policy_loss(x, ids, mask, adv, ref_logps=ref, config=cfg)
+    small_v = launch.SMALL_V
+    try:
+        for V, launch.SMALL_V in ((151936, small_v), (32000, small_v), (151936, 0)):
+            x = torch.randn(1, 3, V, dtype=torch.bfloat16, generator=g).requires_grad_()
+            ids, adv, ref = torch.randint(0, V, (1, 3), generator=g), torch.randn(1, generator=g), torch.randn(1, 3)
+            mask = torch.tensor([[1, 1, 0]])
+            policy_loss(x, ids, mask, adv, ref_logps=ref, config=cfg, inplace_grad=True).loss.backward()
+            with torch.no_grad():
+                policy_loss(x, ids, mask, adv, ref_logps=ref, config=cfg)
+    finally:
+        launch.SMALL_V = small_v
     # the fused linear head: compacted rows, softcapping, bf16 chunks
     h = torch.randn(2, 4, 16, dtype=torch.bfloat16, generator=g).requires_grad_()
     w = torch.randn(4096 + 64, 16, dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -108,5 +114,6 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert all(r["vector_stores"] > 0 for r in wide if r["constexprs"].get("GRAD", True)), wide
     modes = {(r["constexprs"]["STATS"], r["constexprs"]["GRAD"]) for r in rows if r["kernel"] == "_rows"}
     assert modes == {(True, True), (True, False), (False, True)}
+    assert {r["constexprs"]["LANES"] for r in rows if r["kernel"] == "_rows"} == {True, False}  # both tiles
     for r in rows:  # one program of the widest blocks fits an SM's registers: rows in flight are what we ask
         assert r["registers"] * 32 * r["num_warps"] <= 65536, r
