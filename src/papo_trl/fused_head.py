@@ -57,7 +57,8 @@ class PolicyLossInputs:
     grad_scale: float = 1.0  # the upstream gradient the loss will get (1 / accumulation steps): a free backward
 
     def loss_kwargs(self) -> dict:
-        skip = ("completion_ids", "completion_mask", "advantages")
+        """The optional inputs of the loss itself (as :func:`~papo_kernels.loss.loss_from_logps` takes them)."""
+        skip = ("completion_ids", "completion_mask", "advantages", "grad_scale")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
@@ -154,7 +155,8 @@ def add_fused_policy_loss_head(
         with maybe_gather_lm_head_ctx(weight, bias), autocast:
             out = fused_linear_policy_loss(
                 hidden, weight, inp.completion_ids, inp.completion_mask, inp.advantages, bias=bias,
-                logit_scale=logit_scale, final_logit_softcapping=softcap, chunk_size=chunk_size, **inp.loss_kwargs(),
+                logit_scale=logit_scale, final_logit_softcapping=softcap, chunk_size=chunk_size,
+                grad_scale=inp.grad_scale, **inp.loss_kwargs(),
             )  # fmt: skip
         aux_loss = None
         if kwargs.get("output_router_logits"):

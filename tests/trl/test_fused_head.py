@@ -63,8 +63,8 @@ def batch(cfg: PolicyLossConfig, seed=0, left_pad=True):
 
 def eager(model, input_ids, attention_mask, inputs):
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -T - 1 : -1]
-    kwargs = {k: v for k, v in inputs.loss_kwargs().items() if k != "grad_scale"}  # a fused-backward setting only
-    return naive_policy_loss(logits, inputs.completion_ids, inputs.completion_mask, inputs.advantages, **kwargs)
+    return naive_policy_loss(logits, inputs.completion_ids, inputs.completion_mask, inputs.advantages,
+                             **inputs.loss_kwargs())  # fmt: skip
 
 
 def grads(model):

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 from ..diagnostics import SIGNAL_KEYS
 
-__all__ = ["SPREAD", "aggregate_runs", "spread"]
+__all__ = ["SPREAD", "aggregate_runs", "finite", "mean", "spread"]
 
 SPREAD = "mean over the seeds, min and max over the seeds (the plot's shaded band), std = sample std (n - 1)"
 HELD_OUT_KEYS = ("accuracy", "process_score", "mean_length")
 
 
+def finite(values) -> list[float]:
+    """The finite numbers among `values` (``None``, NaN, inf and non-numbers skipped)."""
+    return [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def mean(values: list[float]) -> float | None:
+    """The mean, ``None`` for no values."""
+    return statistics.fmean(values) if values else None
+
+
 def spread(values: list[float | None]) -> dict:
     """``mean``, ``min``, ``max``, ``std`` (sample, ``None`` below two values) and ``n`` of the finite entries of
     `values` (``None`` and NaN are skipped; every statistic is ``None`` when none is left), and the ``values``."""
-    kept = [float(v) for v in values if v is not None and math.isfinite(v)]
-    n = len(kept)
-    mean = sum(kept) / n if n else None
-    std = math.sqrt(sum((v - mean) ** 2 for v in kept) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "min": min(kept, default=None), "max": max(kept, default=None), "std": std, "n": n,
-            "values": list(values)}  # fmt: skip
+    kept = finite(values)
+    std = statistics.stdev(kept) if len(kept) > 1 else None
+    return {"mean": mean(kept), "min": min(kept, default=None), "max": max(kept, default=None), "std": std,
+            "n": len(kept), "values": list(values)}  # fmt: skip
 
 
 def aggregate_runs(per_seed: list[dict], methods) -> dict:

@@ -42,6 +42,7 @@ from transformers import ProgressCallback, TrainerCallback, set_seed
 from ..diagnostics import SIGNAL_KEYS
 from ..rewards import exact_answer_reward, step_checker_reward
 from . import METHODS, OUTCOME_KEY, QUICK_ENV
+from .aggregate import finite, mean
 from .model import TinyModelSpec, build_model, build_tokenizer
 from .plots import plot_curves
 from .task import TaskSpec, make_splits
@@ -254,18 +255,10 @@ def diagnostics_summary(train_rows: list[dict], tail: float = 0.1) -> dict[str, 
     ``tail`` of the steps (``start``, ``end``)."""
     out = {}
     for key in SIGNAL_KEYS:
-        values = [row[key] for row in train_rows if _finite_value(row.get(key))]
+        values = finite(row.get(key) for row in train_rows)
         k = max(1, round(tail * len(values)))
-        out[key] = {"mean": _mean(values), "start": _mean(values[:k]), "end": _mean(values[-k:])}
+        out[key] = {"mean": mean(values), "start": mean(values[:k]), "end": mean(values[-k:])}
     return out
-
-
-def _finite_value(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def prepare(profile: DemoProfile, seed: int, output_dir: str, num_threads: int | None = None):
