@@ -2,11 +2,16 @@
 checked without launching anything: accelerate's own config class and launch-environment code accept them, the
 FSDP2 / DeepSpeed plugins build from that environment with the intended settings, the batch arithmetic of the
 training recipe holds for their process count, and the README launches each one on GPUs that its vLLM and judge
-servers leave free."""
+servers leave free.
+
+What is checked is the recipe, not what this machine makes of it: the training GPUs are the recipe's ``gpu_ids`` as
+``accelerate launch`` parses them (on a CPU-only torch, accelerate sets no visible-devices variable), and whether
+accelerate's default port is free here changes nothing that is checked."""
 
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -23,29 +28,43 @@ CONFIGS = ("zero3_vllm_server", "zero3_vllm_colocate", "fsdp2_vllm_server", "fsd
 TRAINING = ("papo_qwen2.5_7b.yaml", "dapo_papo_qwen2.5_7b.yaml")
 
 
-def launch_env(name: str) -> tuple[object, dict[str, str]]:
-    """The launch arguments and the environment ``accelerate launch --config_file <name>`` gives each process."""
+def launch_env(name: str, port_in_use: bool = False) -> tuple[object, dict[str, str]]:
+    """The launch arguments and the environment ``accelerate launch --config_file <name>`` gives each process, with
+    accelerate's default port taken or free as ``port_in_use`` says (not as this machine happens to have it)."""
     argv = ["--config_file", str(RECIPES / f"{name}.yaml"), "-m", "papo_trl.cli", "--config", "x.yaml"]
     args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv))
-    if args.use_deepspeed:  # as `launch_command` does before `deepspeed_launcher`
-        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
-        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-        return args, prepare_deepspeed_cmd_env(args)[1]
-    return args, prepare_multi_gpu_env(args)
+    with mock.patch("accelerate.utils.launch.is_port_in_use", return_value=port_in_use), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # accelerate warns that it will look for another port
+        if args.use_deepspeed:  # as `launch_command` does before `deepspeed_launcher`
+            fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+            args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+            return args, prepare_deepspeed_cmd_env(args)[1]
+        return args, prepare_multi_gpu_env(args)
 
 
 def gpus(text: str) -> set[int]:
     return {int(g) for g in text.split(",")}
 
 
+def train_gpus(name: str) -> set[int]:
+    """The GPUs the recipe's training processes run on: its ``gpu_ids``, as ``accelerate launch`` parses them."""
+    args, _ = launch_env(name)
+    return gpus(args.gpu_ids)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_recipe_is_an_accelerate_config_for_one_8_gpu_node(name):
     config = load_config_from_file(str(RECIPES / f"{name}.yaml"))  # rejects unknown keys
     assert config.num_machines == 1 and config.num_processes == 4 and not config.use_cpu
-    args, env = launch_env(name)
-    train_gpus = gpus(env["CUDA_VISIBLE_DEVICES"])
-    assert len(train_gpus) == args.num_processes and train_gpus <= set(range(8))
-    assert train_gpus == (set(range(4)) if name.endswith("colocate") else set(range(4, 8)))
+    training = train_gpus(name)
+    assert len(training) == config.num_processes and training <= set(range(8))
+    assert training == (set(range(4)) if name.endswith("colocate") else set(range(4, 8)))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_launch_environment_does_not_depend_on_the_free_ports(name):
+    (free_args, free), (busy_args, busy) = launch_env(name), launch_env(name, port_in_use=True)
+    assert free == busy and free_args.gpu_ids == busy_args.gpu_ids and free_args.num_processes == 4
 
 
 @pytest.mark.parametrize("name", [c for c in CONFIGS if c.startswith("fsdp2")])
@@ -99,8 +118,7 @@ def test_readme_launches_every_recipe_on_gpus_its_servers_leave_free():
             assert not servers & gpus(line), "two servers share a GPU"
             servers |= gpus(line)
         for name in re.findall(r"accelerate launch --config_file examples/accelerate/(\w+)\.yaml", block):
-            _, env = launch_env(name)
-            assert not servers & gpus(env["CUDA_VISIBLE_DEVICES"]), name
+            assert not servers & train_gpus(name), name
             launched[name] = block
     assert set(launched) == set(CONFIGS)
     for name, block in launched.items():
