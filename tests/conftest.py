@@ -31,7 +31,13 @@ def device() -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    from papo_trl import vllm_cpu
+
+    skips = {
+        "cuda": None if HAS_CUDA else pytest.mark.skip(reason="needs a CUDA GPU"),
+        "vllm": None if vllm_cpu.installed() else pytest.mark.skip(reason=f"needs vLLM: {vllm_cpu.INSTALL_HINT}"),
+    }
     for item in items:
-        if "cuda" in item.keywords and not HAS_CUDA:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and marker in item.keywords:
+                item.add_marker(skip)

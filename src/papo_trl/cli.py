@@ -30,6 +30,7 @@ from .startup import (
     adapt_to_machine,
     check_judge,
     check_model,
+    check_vllm,
     cpu_notice,
     debug_requested,
     load_recipe,
@@ -64,12 +65,19 @@ class DemoArguments:
     num_threads: int | None = field(
         default=None, metadata={"help": "torch CPU threads; unset: torch's choice (1 with --compare)."}
     )
+    use_vllm: bool = field(
+        default=False, metadata={"help": "Sample the RL responses with vLLM colocated in the trainer (one run)."}
+    )
 
     def __post_init__(self):
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"`num_threads` must be an integer >= 1, got {self.num_threads}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"`seed` must be an integer in [0, 2**32), got {self.seed}")
+        if self.use_vllm and self.compare:
+            raise ValueError("`use_vllm` samples with vLLM in a single run, not with `compare`")
+        if self.use_vllm:
+            check_vllm("colocate")
 
 
 @dataclass
@@ -355,7 +363,7 @@ def run_demo_command(args: DemoArguments) -> int:
         from .demo.run import run_demo
 
         summary = run_demo(args.method, seed=args.seed, quick=args.quick, output_dir=args.output_dir or "papo_demo",
-                           num_threads=args.num_threads)  # fmt: skip
+                           num_threads=args.num_threads, use_vllm=args.use_vllm)  # fmt: skip
         non_finite = summary["non_finite"]
     if non_finite:
         print(f"[demo] training produced non-finite values: {', '.join(non_finite[:10])}", file=sys.stderr)

@@ -156,22 +156,47 @@ def has_gpu() -> bool:
 
 def adapt_to_machine(namespace, explicit: set[str], gpu: bool | None = None) -> list[str]:
     """Without a CUDA GPU, train on the CPU in fp32 without vLLM: the settings not given on the command line
-    (defaults and recipe values) change; an explicit flag that needs a GPU is an error. Returns the changes
-    (``["--use_cpu true", ...]``); :func:`cpu_notice` words them."""
+    (defaults and recipe values) change; an explicit ``--bf16``/``--fp16 true`` is an error (unless with
+    ``--use_cpu true``), an explicit ``--use_vllm true`` needs vLLM's CPU build and colocate mode (see
+    :func:`check_vllm`). Returns the changes (``["--use_cpu true", ...]``); :func:`cpu_notice` words them."""
     _resolve_renamed(namespace, explicit)
-    if has_gpu() if gpu is None else gpu:
+    gpu = has_gpu() if gpu is None else gpu
+    if "use_vllm" in explicit and namespace.use_vllm:
+        check_vllm(namespace.vllm_mode, gpu)
+    if gpu:
         return []
     cpu_asked = "use_cpu" in explicit and namespace.use_cpu
-    for name in ("use_vllm", "bf16", "fp16"):
-        if name in explicit and getattr(namespace, name) and not (cpu_asked and name != "use_vllm"):
-            hint = "" if name == "use_vllm" else f", or --use_cpu true for {name} on the CPU"
-            raise UsageError(f"--{name}: needs a CUDA GPU and this machine has none; pass --{name} false{hint}")
+    for name in ("bf16", "fp16"):
+        if name in explicit and getattr(namespace, name) and not cpu_asked:
+            raise UsageError(
+                f"--{name}: needs a CUDA GPU and this machine has none; pass --{name} false, or --use_cpu true "
+                f"for {name} on the CPU"
+            )
     changed = []
     for name, value in NO_GPU_SETTINGS.items():
         if name not in explicit and getattr(namespace, name) != value:
             setattr(namespace, name, value)
             changed.append(f"--{name} {str(value).lower()}")
     return changed
+
+
+def check_vllm(mode: str, gpu: bool | None = None) -> None:
+    """vLLM can generate here (``gpu``: whether there is a CUDA GPU; ``None``: look): it is installed, and without a
+    GPU it is vLLM's CPU build, colocated (TRL pushes weights to a vLLM server over NCCL, which needs CUDA)."""
+    from . import vllm_cpu
+
+    if not vllm_cpu.installed():
+        raise UsageError(f"--use_vllm: vLLM is not installed; {vllm_cpu.INSTALL_HINT}")
+    if has_gpu() if gpu is None else gpu:
+        return
+    if not vllm_cpu.runs_on_cpu():
+        raise UsageError(f"--use_vllm: the installed vLLM needs a CUDA GPU and this machine has none; "
+                         f"{vllm_cpu.INSTALL_HINT}")  # fmt: skip
+    if mode != "colocate":
+        raise UsageError(
+            f"--vllm_mode: {mode!r} pushes the weights to the vLLM server over NCCL, which needs a CUDA GPU; on a "
+            "CPU pass --vllm_mode colocate"
+        )
 
 
 def cpu_notice(changed: list[str]) -> str:

@@ -10,6 +10,7 @@ loss whenever neither applies). Without a PAPO option the advantages are TRL's o
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import textwrap
 
@@ -31,6 +32,7 @@ from papo_kernels import dynamic_sampling_mask, kernels_available
 from papo_kernels.advantages import check_error, weighted_nansum
 from papo_kernels.loss import PolicyLossConfig
 
+from . import vllm_cpu
 from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
 from .daro_state import DAROState
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters, signal_metrics
@@ -115,7 +117,12 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
         process_reward_funcs = check_process_reward_funcs(process_reward_funcs)
         requested = getattr(args, "advantage_estimator", AUTO)  # None and a plain GRPOConfig mean "auto"
         args = as_papo_config(args, model, bool(process_reward_funcs))
+        vllm_on_cpu = args.use_vllm and vllm_cpu.runs_on_cpu()
+        if vllm_on_cpu:
+            vllm_cpu.use_cpu_settings()
         super().__init__(model, reward_funcs, args, *trl_args, **trl_kwargs)
+        if vllm_on_cpu and args.vllm_mode == "colocate":  # TRL's in-place sync has nothing to load into there
+            self.vllm_generation.sync_weights = functools.partial(vllm_cpu.sync_colocated_weights, self.vllm_generation)
         if requested == AUTO:
             logger.info(
                 f"advantage_estimator='auto' resolved to {args.advantage_estimator!r} ("

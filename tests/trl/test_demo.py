@@ -201,6 +201,7 @@ def test_model_spec_defaults_are_tiny():
     spec = demo_model.TinyModelSpec()
     assert spec.hidden_size % spec.num_attention_heads == 0
     assert spec.num_attention_heads % spec.num_key_value_heads == 0
+    assert spec.hidden_size // spec.num_attention_heads in (32, 64, 80, 96, 112, 128)  # vLLM's CPU head sizes
 
 
 def test_curve_recorder_flags_non_finite_training():

@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -137,8 +138,9 @@ def _no_checkpointing(config_cls) -> dict:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
 
 
-def rl_trainer_kwargs(method: str, profile: DemoProfile, seed: int, output_dir: str) -> dict:
-    """``PAPOTrainer`` keyword arguments (reward functions and ``PAPOConfig``) of one demo method."""
+def rl_trainer_kwargs(method: str, profile: DemoProfile, seed: int, output_dir: str, use_vllm: bool = False) -> dict:
+    """``PAPOTrainer`` keyword arguments (reward functions and ``PAPOConfig``) of one demo method; ``use_vllm``:
+    generate with vLLM, colocated in the trainer."""
     from ..config import PAPOConfig
 
     if method not in METHODS:
@@ -151,6 +153,7 @@ def rl_trainer_kwargs(method: str, profile: DemoProfile, seed: int, output_dir: 
         epsilon=0.2, epsilon_high=0.28, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available(), use_fused_loss=torch.cuda.is_available(), seed=seed, data_seed=seed,
         dataloader_num_workers=0, bf16=False, process_reward_on_correct_only=False, **_no_checkpointing(PAPOConfig),
+        use_vllm=use_vllm, vllm_mode="colocate",
     )  # fmt: skip
     # the step checker is every method's process reward (scored on every response): PAPO trains on it, GRPO and
     # PRM-only only log it - and the trainer logs the learning-signal diagnostics of all three
@@ -219,27 +222,36 @@ def _finite(value) -> bool:
     return value is None or math.isfinite(value)
 
 
-def train_rl(model, tokenizer, data, method: str, profile: DemoProfile, seed: int, output_dir: str) -> dict:
-    """RL from the warm-started ``model`` (trained in place); returns the curves, timing and a NaN report."""
+def train_rl(
+    model, tokenizer, data, method: str, profile: DemoProfile, seed: int, output_dir: str, use_vllm: bool = False
+) -> dict:
+    """RL from the warm-started ``model`` (trained in place), sampling with vLLM if ``use_vllm``; returns the curves,
+    timing and a NaN report."""
     from ..trainer import PAPOTrainer
 
     set_seed(seed)
     curve_set = data["eval"].select(range(min(profile.n_eval_curve, len(data["eval"]))))
     recorder = CurveRecorder(tokenizer, curve_set, profile.eval_every, profile.max_completion_length)
     recorder.evaluate_at(model, 0)
-    kwargs = rl_trainer_kwargs(method, profile, seed, output_dir)
+    kwargs = rl_trainer_kwargs(method, profile, seed, output_dir, use_vllm)
     print(f"[demo] RL ({method}): {profile.rl_steps} steps of {profile.prompts_per_step} prompts x "
-          f"{profile.num_generations} samples", flush=True)  # fmt: skip
-    trainer = PAPOTrainer(
-        model=model, train_dataset=data["rl"], processing_class=tokenizer, callbacks=[recorder], **kwargs
-    )
-    # the accuracy of the sampled responses at each step, and the latest greedy held-out accuracy
-    held_out = lambda: {"held_out_acc": f"{recorder.held_out[-1]['accuracy']:.3f}"}  # noqa: E731
-    keys = {OUTCOME_KEY: "train_acc", "papo/zero_advantage_frac": "zero_adv"}
-    quiet_progress(trainer, keys, desc=f"RL {method}, seed {seed}", extra=held_out)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+          f"{profile.num_generations} samples, generated with {'vLLM' if use_vllm else 'transformers'}",
+          flush=True)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="papo-demo-") as warm_dir:
+        if use_vllm:  # vLLM starts from the policy's files: the warm-started weights
+            model.save_pretrained(warm_dir)
+            tokenizer.save_pretrained(warm_dir)
+            model.name_or_path = warm_dir
+        trainer = PAPOTrainer(
+            model=model, train_dataset=data["rl"], processing_class=tokenizer, callbacks=[recorder], **kwargs
+        )
+        # the accuracy of the sampled responses at each step, and the latest greedy held-out accuracy
+        held_out = lambda: {"held_out_acc": f"{recorder.held_out[-1]['accuracy']:.3f}"}  # noqa: E731
+        keys = {OUTCOME_KEY: "train_acc", "papo/zero_advantage_frac": "zero_adv"}
+        quiet_progress(trainer, keys, desc=f"RL {method}, seed {seed}", extra=held_out)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
     _remove_if_empty(trainer.args.output_dir)
     non_finite = list(recorder.non_finite)
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -283,19 +295,22 @@ def run_demo(
     quick: bool = False,
     output_dir: str = "papo_demo",
     num_threads: int | None = None,
+    use_vllm: bool = False,
 ) -> dict:
-    """The whole demo for one method; writes ``summary.json`` and ``curves.png`` and returns the summary."""
+    """The whole demo for one method (RL samples from vLLM if ``use_vllm``); writes ``summary.json`` and
+    ``curves.png`` and returns the summary."""
     profile = profile_for(quick)
     os.makedirs(output_dir, exist_ok=True)
     start = time.perf_counter()
     data, tokenizer, model, sft_seconds = prepare(profile, seed, output_dir, num_threads)
     before = evaluate(model, tokenizer, data["eval"], profile.max_completion_length, desc="held-out eval (before RL)")
     print(_line("before RL", before), flush=True)
-    run = train_rl(model, tokenizer, data, method, profile, seed, output_dir)
+    run = train_rl(model, tokenizer, data, method, profile, seed, output_dir, use_vllm)
     after = evaluate(model, tokenizer, data["eval"], profile.max_completion_length, desc="held-out eval (after RL)")
     print(_line(f"after RL ({method})", after), flush=True)
     summary = {
         "method": method, "seed": seed, "quick": profile is QUICK, "profile": asdict(profile),
+        "generation": "vllm" if use_vllm else "transformers",
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "before": before, "after": after, "improvement": after["accuracy"] - before["accuracy"],
         "seconds": {"sft": sft_seconds, "rl": run["rl_seconds"], "total": time.perf_counter() - start},
