@@ -3,6 +3,8 @@
 Torch and Triton only; the TRL integration lives in ``papo_trl``.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from ._runtime import kernels_available
 from .advantages import (
     GroupAdvantages,
@@ -16,7 +18,10 @@ from .advantages import (
 from .daro import DAROWeights
 from .loss import PolicyLossConfig, PolicyLossOutput, fused_linear_policy_loss, policy_loss
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("papo-kernels")  # the installed distribution's, i.e. pyproject.toml's
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DAROWeights",

@@ -5,6 +5,12 @@ the heavy imports.
 """
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("papo-kernels")  # the distribution that ships both packages
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0+unknown"
 
 __all__ = ["PAPOConfig", "PAPOTrainer"]
 _HOMES = {"PAPOConfig": ".config", "PAPOTrainer": ".trainer"}

@@ -54,7 +54,9 @@ class DemoArguments:
 
     method: str = field(default="papo", metadata={"help": "RL method: papo, grpo or prm_only.", "choices": METHODS})
     compare: bool = field(default=False, metadata={"help": "Run papo, grpo and prm_only from one warm start."})
-    quick: bool = field(default=False, metadata={"help": f"Shortened CI run (also: {QUICK_ENV}=1)."})
+    quick: bool = field(
+        default=False, metadata={"help": f"A smoke run of the plumbing, too short to learn (also: {QUICK_ENV}=1)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the data, the model and the trainers."})
     seeds: list[int] | None = field(
         default=None, metadata={"help": "With --compare: run on each seed, report mean and min-max (e.g. 0 1 2)."}

@@ -13,3 +13,13 @@ def test_import_needs_only_torch_and_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_version_is_the_installed_distributions():
+    """``__version__`` of both packages is read from the installed metadata (pyproject.toml's version)."""
+    import importlib.metadata
+
+    import papo_kernels
+    import papo_trl
+
+    assert papo_kernels.__version__ == papo_trl.__version__ == importlib.metadata.version("papo-kernels")

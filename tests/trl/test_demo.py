@@ -142,13 +142,29 @@ def _check_diagnostics(diagnostics):
         assert 0.0 <= diagnostics[key]["mean"] <= 1.0
 
 
-@pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
-    from papo_trl.cli import main
+def _figures(summary: dict) -> dict:
+    """What the demo reports, less its timings."""
+    curves, timing = summary["curves"]["papo"], ("time", "runtime", "per_second")
+    train = [{k: v for k, v in row.items() if not any(t in k for t in timing)} for row in curves["train"]]
+    return {"before": summary["before"], "after": summary["after"], "held_out": curves["held_out"], "train": train,
+            "diagnostics": summary["diagnostics"]}  # fmt: skip
 
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output_dir", str(out), "--seed", "0"]) == 0
-    summary = _check_outputs(out, ["papo"])
+
+@pytest.mark.slow
+def test_quick_demo_end_to_end_and_reproducible(tmp_path, capsys):
+    """The quick demo, twice on the same seed in one process: the same figures both times (nothing but the seed
+    decides them on a given machine), and it says that it is a smoke run."""
+    from papo_trl.cli import main
+    from papo_trl.demo.run import QUICK_NOTE
+
+    runs = []
+    for name in ("demo", "again"):
+        out = tmp_path / name
+        assert main(["demo", "--quick", "--output_dir", str(out), "--seed", "0"]) == 0
+        runs.append(_check_outputs(out, ["papo"]))
+    assert capsys.readouterr().out.count(QUICK_NOTE) == 4  # at the start and at the end of each run
+    summary, again = runs
+    assert _figures(again) == _figures(summary)
     assert summary["method"] == "papo" and summary["quick"] is True and summary["non_finite"] == []
     for key in ("before", "after"):
         assert 0.0 <= summary[key]["accuracy"] <= 1.0 and summary[key]["mean_length"] > 0

@@ -78,6 +78,12 @@ QUICK = replace(
 )  # fmt: skip
 
 
+QUICK_NOTE = (
+    "[demo] --quick is a smoke run: it checks the plumbing in a few steps, too few to learn, so its figures do not "
+    "rise; `papo-train` runs the full demo, which learns"
+)
+
+
 def profile_for(quick: bool) -> DemoProfile:
     """The quick profile if asked for (or ``PAPO_DEMO_QUICK=1`` in the environment), else the full one."""
     return QUICK if quick or os.environ.get(QUICK_ENV, "") not in ("", "0", "false") else FULL
@@ -277,6 +283,8 @@ def prepare(profile: DemoProfile, seed: int, output_dir: str, num_threads: int |
     """Seeded data, tokenizer and SFT-warm-started model; returns ``(data, tokenizer, model, sft_seconds)``."""
     if num_threads:
         torch.set_num_threads(num_threads)
+    if profile is QUICK:
+        print(QUICK_NOTE, flush=True)
     datasets.disable_progress_bars()  # the trainers' own bars are enough
     set_seed(seed)
     data = make_splits(profile.n_sft, profile.n_rl, profile.n_eval, seed, profile.task, profile.direct_fraction)
@@ -329,6 +337,8 @@ def write_outputs(summary: dict, output_dir: str, plot) -> None:
     path = os.path.join(output_dir, "curves.png")
     plot(summary["curves"], path, title=_title(summary), held_out_problems=summary["held_out_problems"])
     print(f"wrote {output_dir}/summary.json and {output_dir}/curves.png", flush=True)
+    if summary["quick"]:
+        print(QUICK_NOTE, flush=True)
 
 
 def _title(summary: dict) -> str:
