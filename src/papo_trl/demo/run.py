@@ -7,9 +7,9 @@ decoding (accuracy and step-checker process score), train with ``PAPOTrainer``, 
 
 Half of the warm-start solutions state the bare answer (``\\boxed{36}``) instead of working it out, as much web
 text does. The warm-started model therefore often answers directly, which a model this small gets wrong on
-multi-step problems, and is right on the held-out set only some of the time (about 30-40%). Its sampled
-answers sometimes show the steps and are then right more often: RL has to discover that working step by step
-pays, which it does within a few dozen steps (the process score rises with the accuracy).
+multi-step problems, and is right on the held-out set only some of the time (9-23% over seeds 0-2 on one
+machine). Its sampled answers sometimes show the steps and are then right more often: RL has to discover that
+working step by step pays, which it does within a few dozen steps (the process score rises with the accuracy).
 
 Methods (same rewards, different advantages):
 
