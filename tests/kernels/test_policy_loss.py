@@ -36,6 +36,10 @@ def assert_outputs_close(a, b, grad_a, grad_b, rtol, atol):
     for name in ("per_token_logps", "entropy", "sequence_loss"):
         ours, ref = getattr(a, name), getattr(b, name)
         torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=rtol, atol=atol * max(1.0, ref.abs().max().item()))
+    assert (a.sequence_clip_ratio is None) == (b.sequence_clip_ratio is None)
+    if b.sequence_clip_ratio is not None:  # fractions of a few tokens: exact up to the division's rounding
+        ours, ref = a.sequence_clip_ratio, b.sequence_clip_ratio
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
 @given(cfg=configs(T=T), opts=input_options(), seed=st.integers(0, 2**16))
