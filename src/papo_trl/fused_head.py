@@ -5,9 +5,9 @@
 predict the completion tokens and hands them with the LM head to ``papo_kernels.loss.linear_loss`` (no ``[B, T, V]``
 logits, gradients computed in the forward) and returns its ``PolicyLossOutput`` with the MoE load-balancing loss
 (``None`` without one). Without ``policy_loss`` the forward is the previous one (generation, TRL's own fused head),
-so it composes with TRL's patch. Running inside the forward is what makes the head's weight usable when it is sharded, and the head is
-gathered once per forward (per micro-batch), never per token chunk nor again in the backward, because the
-gradients are computed in the forward:
+so it composes with TRL's patch. Running inside the forward is what makes the head's weight usable when it is
+sharded, and the head is gathered once per forward (per micro-batch), never per token chunk nor again in the
+backward, because the gradients are computed in the forward:
 
 - FSDP2: when the head belongs to the unit that the backbone unshards (accelerate puts it with the final norm), it
   is a plain tensor here and FSDP2 reduce-scatters its gradient; when it is an FSDP unit of its own, it is still a

@@ -95,6 +95,7 @@ class PolicyLossStep:
         (sequence-weighted for per-sequence values: VESPO's weight, sequence-level clip fractions), ``policy_loss``
         with an entropy bonus only (``entropy_coef`` is logged by ``update_entropy_control``), and the extreme
         per-sequence clip fractions."""
+        output.check()  # the kernels' flag for target ids outside the vocabulary (logging synchronises anyway)
         sequence_level = self._loss_config.importance_sampling_level == "sequence"
         count = mask.sum().float()
         for key, value in output.metrics.items():

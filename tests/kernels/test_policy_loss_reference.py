@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-
 from trl.trainer.utils import nanmax, nanmin
 
 from papo_kernels import PolicyLossConfig, PolicyLossOutput

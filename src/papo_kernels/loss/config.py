@@ -178,6 +178,8 @@ class PolicyLossOutput(NamedTuple):
             (``r > 1 + epsilon_high`` and ``A > 0``), ``r`` after the ``delta`` cap; NaN for a sequence without
             tokens; the flag itself where the ratio is one per sequence (TRL's ``masked_seq_mean``, behind its
             ``clip_ratio/low_min`` and ``clip_ratio/high_max``).
+        error: ``[1]`` int32 from the kernels: non-zero when an unmasked token's target id lies outside ``[0, V)``.
+            The kernels do not synchronise with the host to check it: :meth:`check` raises (CPU paths raise at once).
 
     Examples:
         >>> import torch
@@ -199,3 +201,10 @@ class PolicyLossOutput(NamedTuple):
     sequence_loss: torch.Tensor
     entropy_stats: torch.Tensor | None = None
     sequence_clip_ratio: torch.Tensor | None = None
+    error: torch.Tensor | None = None
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if the kernels flagged a target id outside ``[0, V)`` (one host sync on CUDA: call it
+        where the caller synchronises anyway, e.g. when logging)."""
+        if self.error is not None and bool(self.error.any()):
+            raise ValueError("`completion_ids` must lie in [0, V) (the vocabulary) for every unmasked token")

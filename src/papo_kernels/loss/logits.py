@@ -68,8 +68,8 @@ class PolicyLossFunction(torch.autograd.Function):
         ctx.grad = (dx, gs)
         logps = plan.logp.view(plan.B, plan.T)
         entropy = plan.ent.view(plan.B, plan.T)
-        ctx.mark_non_differentiable(logps, entropy, plan.part, plan.out)
-        return plan.loss, logps, entropy, plan.part, plan.out
+        ctx.mark_non_differentiable(logps, entropy, plan.part, plan.out, plan.err)
+        return plan.loss, logps, entropy, plan.part, plan.out, plan.err
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -147,10 +147,10 @@ def logits_loss(
         return naive_logits_loss(logits, completion_ids, inputs, config)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    loss, logps, entropy, part, out = PolicyLossFunction.apply(
+    loss, logps, entropy, part, out, err = PolicyLossFunction.apply(
         logits, completion_ids, inputs, config, inplace_grad, grad_scale
     )
-    return output_from(loss, logps, entropy, part, out, config)
+    return output_from(loss, logps, entropy, part, out, err, config)
 
 
 def check_grad_scale(grad_scale, where: torch.Tensor) -> None:

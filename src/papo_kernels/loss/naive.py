@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._runtime import check_tensor, compute_dtype, require
 from .config import VESPO_IS_RATIO_MIN, VESPO_LAMBDA_MIN, VESPO_LN_W_MAX, PolicyLossConfig, PolicyLossOutput
-from .inputs import LossInputs, check_logits_inputs
+from .inputs import LossInputs, check_ids, check_logits_inputs
 
 
 def token_logps_and_entropy(
@@ -298,5 +298,9 @@ def naive_policy_loss(
 def naive_logits_loss(logits: Tensor, completion_ids: Tensor, inputs: LossInputs, config: PolicyLossConfig):
     """:func:`naive_policy_loss` on :class:`~papo_kernels.loss.LossInputs`."""
     check_logits_inputs(logits, completion_ids)
-    logps, entropy = token_logps_and_entropy(logits, completion_ids, config.temperature)
+    inputs.check_tokens("logits", logits.shape[:2])
+    live = inputs.completion_mask.to(completion_ids.device) != 0
+    check_ids(completion_ids[live], logits.shape[-1])  # a masked token's id may be anything (-100, ...)
+    ids = torch.where(live, completion_ids, 0)
+    logps, entropy = token_logps_and_entropy(logits, ids, config.temperature)
     return logps_loss(logps, entropy, inputs, config)

@@ -96,6 +96,7 @@ class Plan:
     w: torch.Tensor
     out: torch.Tensor
     loss: torch.Tensor
+    err: torch.Tensor  # int32 [1]: 1 when an unmasked token's target id lies outside [0, V)
 
     @property
     def seq_level(self) -> bool:
@@ -136,12 +137,15 @@ def metrics_from_out(out: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torc
     return metrics
 
 
-def output_from(loss, logps, entropy, part, out, cfg: PolicyLossConfig) -> PolicyLossOutput:
+def output_from(loss, logps, entropy, part, out, err, cfg: PolicyLossConfig) -> PolicyLossOutput:
     """The public output from the autograd function's outputs: per-sequence values are views of ``part``, the
-    metrics and entropy statistics views of ``out``."""
+    metrics and entropy statistics views of ``out``. Off CUDA (Triton's interpreter) the id check raises at once."""
     stats = out[O_BONUS.value : O_BONUS.value + 2]
     clip = part[:, C_LOW_RATIO.value : C_HIGH_RATIO.value + 1] if cfg.clipped else None
-    return PolicyLossOutput(loss, logps, entropy, metrics_from_out(out, cfg), part[:, C_LOSS.value], stats, clip)
+    output = PolicyLossOutput(loss, logps, entropy, metrics_from_out(out, cfg), part[:, C_LOSS.value], stats, clip, err)
+    if not err.is_cuda:
+        output.check()
+    return output
 
 
 def make_plan(
@@ -178,4 +182,5 @@ def make_plan(
         ent=views[1], rmax=views[2], log2s=views[3], dlogp=views[4], ptl=views[5], kl=views[6],
         flags=alloc(N, dtype=torch.int32, device=device), part=views[7].view(B, N_PART.value), w=views[8],
         out=views[9], loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
+        err=torch.zeros(1, dtype=torch.int32, device=device),
     )  # fmt: skip
