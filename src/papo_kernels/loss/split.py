@@ -332,8 +332,9 @@ def split_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: in
         sxb=sxb, sxt=sxt, T_x=T_x, row0=row0, n_rows=n_rows, T=plan.T, V=V, K=K,
         sab=plan.adv_strides[0], sat=plan.adv_strides[1], sib=plan.isr_strides[0], sit=plan.isr_strides[1],
         sdb=sdb, sdt=sdt, LOSS=LOSS_IDS[c.loss_type], BIAS_KL=c.use_bias_correction_kl, HAS_DELTA=c.delta is not None,
-        HAS_SOFTCAP=plan.softcap, ENT_GRAD=c.entropy_coef != 0.0, ALIGNED=not (sxb % 16 or sxt % 16 or sdb % 16 or sdt % 16),
-        WALK=walk, REREAD=reread, SLICE=SLICE, BLOCK_K=triton.next_power_of_2(K), num_warps=SLICE_WARPS,
+        HAS_SOFTCAP=plan.softcap, ENT_GRAD=c.entropy_coef != 0.0,
+        ALIGNED=not (sxb % 16 or sxt % 16 or sdb % 16 or sdt % 16), WALK=walk, REREAD=reread, SLICE=SLICE,
+        BLOCK_K=triton.next_power_of_2(K), num_warps=SLICE_WARPS,
     )  # fmt: skip
     if x.is_cuda:
         if not cooperative_launch():
