@@ -296,6 +296,9 @@ def _sm_limits(index: int) -> tuple[int, dict]:
 
 
 _CAPACITY: dict = {}
+_SPECIALIZING = ("LOSS", "BIAS_KL", "HAS_DELTA", "HAS_SOFTCAP", "ENT_GRAD", "ALIGNED", "WALK", "REREAD", "SLICE",
+                 "BLOCK_K", "num_warps")  # fmt: skip
+_OPTIONAL = ("OLD", "REF", "ISR", "ROWS")
 
 
 def capacity(kernel_key, compile_fn, device: torch.device) -> int:
@@ -315,8 +318,8 @@ def split_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: in
                reread: bool = False) -> bool:  # fmt: skip
     """The single-phase pass over ``n_rows`` rows of ``x`` (as ``launch.fused_rows``) with the split-row kernel;
     ``False``, with nothing launched, where the grid cannot be made co-resident (no cooperative launch in this
-    Triton, a spilling kernel, or an SM that cannot hold a row's ``K`` programs). Needs the aggregation weights first
-    (``launch.prepare_weights``)."""
+    Triton, a spilling kernel, an SM that cannot hold a row's ``K`` programs, or CUDA refusing even one group). Needs
+    the aggregation weights first (``launch.prepare_weights``)."""
     assert not plan.two_phase
     if n_rows == 0:
         return True
@@ -336,21 +339,25 @@ def split_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: in
         ALIGNED=not (sxb % 16 or sxt % 16 or sdb % 16 or sdt % 16), WALK=walk, REREAD=reread, SLICE=SLICE,
         BLOCK_K=triton.next_power_of_2(K), num_warps=SLICE_WARPS,
     )  # fmt: skip
-    if x.is_cuda:
-        if not cooperative_launch():
-            return False
-        key = (tuple((k, v) for k, v in kw.items() if k.isupper() and not isinstance(v, torch.Tensor)),
-               x.dtype, dx.dtype, plan.acc, x.device)  # fmt: skip
-        scratch = lambda n: torch.empty(n, dtype=plan.acc, device=x.device)  # noqa: E731
-        probe = dict(kw, SLOTS=scratch(2 * K * 3), COUNTERS=plan.err)
-        groups = split_groups(n_rows, K, capacity(key, lambda: _split_rows.warmup(**probe, grid=(1,)), x.device))
-        if groups == 0:
-            return False
-        grid, launch = groups * K, dict(launch_cooperative_grid=True)
-    else:
+    slots = torch.empty(min(n_rows, 3) * 2 * K * 3, dtype=plan.acc, device=x.device)
+    if not x.is_cuda:  # the interpreter: a few groups, each walking its rows' slices (or one slice a row: K programs)
         groups = min(n_rows, 3)
-        grid, launch = groups * (1 if walk else K), {}
+        counters = torch.zeros(groups, dtype=torch.int32, device=x.device)
+        _split_rows[(groups * (1 if walk else K),)](SLOTS=slots, COUNTERS=counters, **kw)
+        return True
+    if not cooperative_launch():
+        return False
+    key = (tuple((k, v) for k, v in kw.items() if k in _SPECIALIZING or (k in _OPTIONAL and v is None)),
+           x.dtype, dx.dtype, plan.acc, x.device)  # fmt: skip
+    probe = dict(kw, SLOTS=slots, COUNTERS=plan.err)
+    groups = split_groups(n_rows, K, capacity(key, lambda: _split_rows.warmup(**probe, grid=(1,)), x.device))
     slots = torch.empty(groups * 2 * K * 3, dtype=plan.acc, device=x.device)
-    counters = torch.zeros(groups, dtype=torch.int32, device=x.device)
-    _split_rows[(grid,)](SLOTS=slots, COUNTERS=counters, **kw, **launch)
-    return True
+    counters = torch.zeros(max(groups, 1), dtype=torch.int32, device=x.device)
+    while groups:
+        try:
+            _split_rows[(groups * K,)](SLOTS=slots, COUNTERS=counters, **kw, launch_cooperative_grid=True)
+            return True
+        except RuntimeError:  # CUDA refused a grid it cannot make co-resident (nothing ran): fewer groups from now on
+            groups //= 2
+            _CAPACITY[key] = groups * K
+    return False
