@@ -1,8 +1,9 @@
 """Fused policy loss over materialised logits: ``policy_loss`` and its ``torch.autograd.Function``.
 
 The gradient is written during the forward (``launch.py``): single phase, one launch reads each unmasked row of
-``logits[B, T, V]`` once for its statistics and once more from L2 to write ``dlogits``; two phases (batch-wide
-statistics), a statistics pass, O(B*T) kernels, then a gradient pass. With ``inplace_grad=True`` the gradient
+``logits[B, T, V]`` once for its statistics and once more to write ``dlogits`` (from L2 only if few rows are in
+flight; the split-row kernel, ``split.py``, reads it once); two phases (batch-wide statistics), a statistics pass,
+O(B*T) kernels, then a gradient pass. With ``inplace_grad=True`` the gradient
 overwrites the logits during the forward. The backward returns that gradient, rescaled on the device only if the
 upstream gradient differs from the announced ``grad_scale``. Arithmetic is fp32 in registers (fp64 for fp64
 logits), I/O in the logits' dtype. CPU tensors without the Triton interpreter use the torch reference.
