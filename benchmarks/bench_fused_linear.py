@@ -15,7 +15,7 @@ Methods:
   liger             Liger-Kernel's LigerFusedLinearGRPOLoss (torch.compile'd chunks, torch._dynamo reset before
                     each shape; no entropy term: compared with the loss without the bonus)
   cce               Apple's Cut Cross-Entropy: per-token log-probs from h and W, its backward weighted per token by
-                    the eager loss without the bonus (policy gradient and KL; no entropy)
+                    the eager loss without the bonus (policy gradient and KL; no entropy); CUDA only
   eager             full bf16 logits h @ W^T, TRL's torch log-probs/entropy and the eager loss (where it fits)
 Peers that are not installed are skipped with a note.
 
@@ -138,7 +138,7 @@ def methods(inp: Inputs, config: PolicyLossConfig, with_eager: bool) -> dict:
                                 config, None)  # fmt: skip
     if on_cuda() and liger_available():
         table["liger"] = (liger, no_entropy, "no entropy term (bonus and metric); torch._dynamo reset first")
-    if cce_available():
+    if on_cuda() and cce_available():
         table["cce"] = (lambda: with_grads(lambda: eager_loss(no_entropy)(*cce_token_logps(h, w, ids, mask))),
                         no_entropy, "log-probs and their weighted gradient; no entropy")  # fmt: skip
     if with_eager:
@@ -439,7 +439,8 @@ def main() -> None:
     device = "cuda" if on_cuda() else "cpu"
     print_skipped_peers()
     if not on_cuda():
-        print("note: the Liger peer runs on CUDA only (torch.compile)")
+        print("note: the Liger and Cut Cross-Entropy peers run on CUDA only (torch.compile; Triton kernels with "
+              "optional pointers, which the interpreter does not take)")  # fmt: skip
     fl = floors(args.quick)
     tolerance = {"loss": TOL_LOSS, "grad": TOL_GRAD}
     results = Results("fused_linear", resume=args.resume, config=CFG.__dict__, floors=fl, tolerance=tolerance)
