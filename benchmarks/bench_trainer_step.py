@@ -36,7 +36,7 @@ import tempfile
 from functools import partial
 
 import torch
-from harness import Results, arg_parser, floors, on_cuda, rel_err, spread, sync, wanted
+from harness import Results, arg_parser, device_annotation, floors, on_cuda, rel_err, spread, sync, wanted
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
@@ -229,7 +229,7 @@ def step_breakdown(events) -> list[dict]:
     cpu = [e for e in events if e.device_type != cuda]
     by_id = {e.id: e for e in cpu}
     category = categorizer(cpu)
-    device = [e for e in events if e.device_type == cuda and not e.is_user_annotation]
+    device = [e for e in events if e.device_type == cuda and not device_annotation(e) and not e.name.startswith(TAG)]
     steps = sorted((e.time_range.start, e.time_range.end) for e in cpu if e.name == TAG + "step")
     out = []
     for lo, hi in steps:

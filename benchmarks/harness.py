@@ -9,6 +9,7 @@ Every measured row records, on CUDA:
   ``wall_calls`` back-to-back calls between two synchronisations (Python, launches and host syncs included);
 * ``kernel_ms`` with ``kernel_ms_min``, ``kernel_ms_max``, ``kernel_samples``: the device time of one call's own
   kernels, memcpys and memsets (their durations in the profiler, summed: no launch gaps, no Python);
+  ``outside_calls``: device activities the profiler placed outside every call's window (0 unless its clocks drift);
 * ``kernels``, ``copies``, ``d2h``: GPU kernels, memcpy/memset operations and device-to-host copies that the
   profiler sees in one call; ``syncs``: host synchronisations in one call (``torch.cuda.set_sync_debug_mode``);
 * ``peak_mib``: peak allocation during one call above what was live before it;
@@ -190,7 +191,7 @@ def device_profile(fn: Callable[[], object], samples: int = 1) -> dict:
     device time of its own activities in each of ``samples`` profiled calls (``kernel_ms``, see the module
     docstring)."""
     if not on_cuda():
-        return dict(kernels=None, copies=None, d2h=None, syncs=None, **spread("kernel_ms", []))
+        return dict(kernels=None, copies=None, d2h=None, syncs=None, **spread("kernel_ms", []), outside_calls=None)
     from torch.profiler import ProfilerActivity, profile, record_function
 
     sync()
@@ -210,13 +211,19 @@ def device_profile(fn: Callable[[], object], samples: int = 1) -> dict:
     events = prof.events()
     windows = [(e.time_range.start, e.time_range.end) for e in events if e.name == CALL and e.device_type == cpu]
     device = [(e.name, e.time_range.start, e.time_range.end) for e in events
-              if e.device_type == cuda and not e.is_user_annotation]  # fmt: skip
+              if e.device_type == cuda and not device_annotation(e)]  # fmt: skip
     calls = split_calls(sorted(windows), device)
     names = [e[0] for e in calls[0]] if calls else []
     copies = [n for n in names if n.startswith(("Memcpy", "Memset"))]
     device_ms = [sum(end - start for _, start, end in call) / 1e3 for call in calls]
     return dict(kernels=len(names) - len(copies), copies=len(copies), d2h=sum("DtoH" in n for n in copies),
-                syncs=syncs, **spread("kernel_ms", device_ms))  # fmt: skip
+                syncs=syncs, **spread("kernel_ms", device_ms),
+                outside_calls=len(device) - sum(map(len, calls)))  # fmt: skip
+
+
+def device_annotation(event) -> bool:
+    """Whether a device-side profiler event is a range a ``record_function`` drew (ours, an optimizer's), not work."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.name == CALL or "#" in event.name
 
 
 def peak_memory_mib(fn: Callable[[], object]) -> float | None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -187,6 +188,11 @@ def test_split_calls_by_profiler_window():
     windows = [(0.0, 10.0), (12.0, 20.0)]
     events = [("k1", 1.0, 3.0), ("k2", 4.0, 9.0), ("Memcpy DtoH", 13.0, 14.0), ("late", 30.0, 31.0)]
     assert harness.split_calls(windows, events) == [events[:2], events[2:3]]
+    ranges = [harness.CALL, "Optimizer.step#AdamW.step"]
+    event = lambda name, annotation=False: SimpleNamespace(name=name, is_user_annotation=annotation)  # noqa: E731
+    assert [harness.device_annotation(event(n)) for n in ranges] == [True, True]
+    assert not harness.device_annotation(event("void cutlass::Kernel<sm90_gemm>(Params)"))
+    assert harness.device_annotation(event("anything", annotation=True))
 
 
 def test_failed_test_ids_from_pytest_summary(tmp_path):
