@@ -11,11 +11,19 @@ Methods:
   papo_fused   PAPOTrainer(use_fused_loss=True): papo_kernels.fused_linear_policy_loss inside the forward
   trl_default  GRPOTrainer: TRL's fused LM head (ChunkedLogProbFunction) + TRL's _compute_loss
 
-Rows record the step's time (gpu_ms from do_bench, wall_ms per step), kernels and host syncs per step, peak memory
-above the weights and optimizer state, and the first step's loss; papo_fused's rel_err_grad compares its first
-step's gradients (all parameters) with trl_default's: same weights, same batch (on-policy with beta 0 the loss
-value itself is -mean(A) on both paths). Floor: 6 P N flops (P parameters, N tokens; attention and
-recomputation not counted) at the measured bf16 matmul rate. Needs trl, transformers and datasets.
+Rows record the step's time (GPU and wall time per step, median, min and max; see harness.py), kernels and host
+syncs per step, peak memory above the weights and optimizer state, and the first step's loss; papo_fused's
+rel_err_grad compares its first step's gradients (all parameters) with trl_default's: same weights, same batch
+(on-policy with beta 0 the loss value itself is -mean(A) on both paths). Floor: 6 P N flops (P parameters, N
+tokens; attention and recomputation not counted) at the best measured bf16 matmul rate.
+
+Where the time goes: PROFILE_STEPS profiled steps per row (torch.profiler, CPU and CUDA), each kernel's time put
+in one of attention (the self_attn modules, forward, recomputation and backward), mlp, lm_head_loss (everything
+outside the decoder: the LM head, the loss and the trainer's own work), optimizer (AdamW's step and zero_grad) and
+other (embeddings, norms, residuals, gradient accumulation), plus the gaps in which the device did nothing
+(``<category>_ms`` with ``_min``, ``_max``; ``profile_samples``). A backward kernel counts where the forward op that
+built its autograd node ran (the profiler's sequence numbers). On a CPU the same split covers the host time of the
+leaf ops. Needs trl, transformers and datasets.
 
     python benchmarks/bench_trainer_step.py            # 4k and 16k tokens (GPU)
     python benchmarks/bench_trainer_step.py --quick    # a tiny Qwen2, any device (CI smoke test)
@@ -23,11 +31,12 @@ recomputation not counted) at the measured bf16 matmul rate. Needs trl, transfor
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from functools import partial
 
 import torch
-from harness import Results, arg_parser, floors, flops_floor_ms, on_cuda, rel_err, wanted
+from harness import Results, arg_parser, device_annotation, floors, on_cuda, rel_err, spread, sync, wanted
 
 QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
@@ -36,6 +45,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=512, max_position_embeddings=256)  # fmt: skip
 SWEEP, SEQ, PROMPT = (4096, 16384), 1024, 64
 QUICK, QUICK_SEQ, QUICK_PROMPT = (32,), 16, 8
+PROFILE_STEPS = 5
+CATEGORIES = ("attention", "mlp", "lm_head_loss", "optimizer", "other")
+TAG = "papo_bench:"  # the profiler ranges this benchmark opens: TAG + a category, TAG + "body", TAG + "step"
 
 
 def tokenizer():
@@ -121,7 +133,138 @@ def make_step(method: str, inputs: dict, quick: bool, workdir: str):
         optimizer.zero_grad(set_to_none=True)
         return loss, grads
 
+    step.model = trainer.model
     return step
+
+
+# ------------------------------------------------------------------------------------- where a step's time goes
+@contextlib.contextmanager
+def annotated(model):
+    """Profiler ranges around the forward of every attention and MLP module and of the decoder (``TAG`` + name);
+    a module recomputed under gradient checkpointing opens its range again."""
+    from torch.profiler import record_function
+
+    handles = []
+
+    def tag(module, name: str) -> None:
+        open_ranges = []
+
+        def enter(*_):
+            open_ranges.append(record_function(TAG + name).__enter__())
+
+        def leave(*_):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles.extend([module.register_forward_pre_hook(enter), module.register_forward_hook(leave)])
+
+    tag(model.get_decoder(), "body")
+    for name, module in model.named_modules():
+        if name.endswith((".self_attn", ".mlp")):
+            tag(module, "attention" if name.endswith(".self_attn") else "mlp")
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def categorizer(events):
+    """``category(cpu_event)``: the innermost of its enclosing ranges (``annotated``'s, AdamW's) that names one; a
+    backward op takes the category of the forward op that built its node (same thread and sequence number); ops
+    under the decoder's range but no module's are ``other``, backward ops whose forward is unknown too, and the
+    rest of the step (the LM head, the loss, the trainer) ``lm_head_loss``."""
+    cache: dict[int, str] = {}
+
+    def forward_category(e) -> str:
+        node = e
+        while node is not None:
+            if node.name.startswith(TAG) and node.name != TAG + "step":
+                category = node.name[len(TAG) :]
+                return "other" if category == "body" else category
+            if node.name.startswith("Optimizer."):
+                return "optimizer"
+            node = node.cpu_parent
+        return "lm_head_loss"
+
+    forward = {}  # (thread, sequence number) -> the last forward op that recorded it (the one that built the node)
+    for e in sorted((e for e in events if e.sequence_nr >= 0 and e.fwd_thread == 0), key=lambda e: e.time_range.start):
+        forward[(e.thread, e.sequence_nr)] = e
+
+    def category(e) -> str:
+        if e.id not in cache:
+            node, found = e, None
+            while node is not None and found is None:
+                if node.name.startswith(TAG) or node.name.startswith("Optimizer."):
+                    found = forward_category(node)
+                elif node.sequence_nr >= 0 and node.fwd_thread > 0:  # a backward op
+                    source = forward.get((node.fwd_thread, node.sequence_nr))
+                    found = forward_category(source) if source is not None else "other"
+                elif node.name.startswith("autograd::engine::evaluate_function"):
+                    found = "other"
+                node = node.cpu_parent
+            cache[e.id] = found or "lm_head_loss"
+        return cache[e.id]
+
+    return category
+
+
+def union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Milliseconds covered by the ``(start, end)`` microsecond intervals."""
+    busy, end = 0.0, None
+    for start, stop in sorted(intervals):
+        if end is None or start >= end:
+            busy += stop - start
+        elif stop > end:
+            busy += stop - end
+        end = stop if end is None else max(end, stop)
+    return busy / 1e3
+
+
+def step_breakdown(events) -> list[dict]:
+    """Per profiled step (a ``TAG + "step"`` range): each category's time, the busy time, the window and the gaps
+    in it. With CUDA: the device activities (the category of the op that launched each), busy = the union of their
+    intervals, window = first start to last end. On a CPU: every op's self time (ranges included: the Python in
+    the modules), busy = their sum, window = the step's range."""
+    cuda = torch.autograd.DeviceType.CUDA
+    cpu = [e for e in events if e.device_type != cuda]
+    by_id = {e.id: e for e in cpu}
+    category = categorizer(cpu)
+    device = [e for e in events if e.device_type == cuda and not device_annotation(e) and not e.name.startswith(TAG)]
+    steps = sorted((e.time_range.start, e.time_range.end) for e in cpu if e.name == TAG + "step")
+    out = []
+    for lo, hi in steps:
+        if device:
+            launcher = lambda e: by_id.get(e.linked_correlation_id)  # noqa: E731 (the op that launched it)
+            mine = [(category(launcher(e)) if launcher(e) else "other", e.time_range.start, e.time_range.end)
+                    for e in device if lo <= e.time_range.start <= hi]  # fmt: skip
+            busy = union_ms([m[1:] for m in mine])
+            window = (max(m[2] for m in mine) - min(m[1] for m in mine)) / 1e3 if mine else 0.0
+            times = [(cat, end - start) for cat, start, end in mine]
+        else:
+            times = [(category(e), e.self_cpu_time_total) for e in cpu
+                     if lo <= e.time_range.start <= hi and e.name != TAG + "step"]  # fmt: skip
+            busy, window = sum(t for _, t in times) / 1e3, (hi - lo) / 1e3
+        row = {f"{c}_ms": sum(t for cat, t in times if cat == c) / 1e3 for c in CATEGORIES}
+        out.append({**row, "busy_ms": busy, "window_ms": window, "gaps_ms": window - busy})
+    return out
+
+
+def profile_steps(step, steps: int = PROFILE_STEPS) -> dict:
+    """``steps`` profiled steps of ``step`` (its model annotated): median, min and max of each field of
+    ``step_breakdown``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda() else [])
+    with annotated(step.model), profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function(TAG + "step"):
+                step()
+                sync()
+    per_step = step_breakdown(prof.events())
+    out = {"profile_samples": len(per_step)}
+    for field in per_step[0] if per_step else ():
+        out.update({k: v for k, v in spread(field, [s[field] for s in per_step]).items() if not k.endswith("samples")})
+    return out
 
 
 def grad_parity():
@@ -157,8 +300,8 @@ def main() -> None:
                     continue
                 key = dict(method=method, tokens=tokens, seq=seq, dtype="bf16" if on_cuda() else "fp32")
                 make = lambda m=method, inputs=inputs: make_step(m, inputs, args.quick, workdir)  # noqa: E731
-                results.run(key, make, quick=args.quick, check=partial(check, method=method),
-                            floor_ms=flops_floor_ms(6 * params * tokens, fl), limit_s=150)  # fmt: skip
+                results.run(key, make, check=partial(check, method=method), work=dict(flops=6 * params * tokens),
+                            extra=profile_steps, limit_s=150)  # fmt: skip
     print(f"wrote {results.path}")
 
 
