@@ -34,6 +34,7 @@ from papo_kernels.loss import PolicyLossConfig
 from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
 from .daro_state import DAROState
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters, signal_metrics
+from .entropy_control import EntropyControl, trl_field
 from .estimators import compute_advantages, correctness, fill_unscorable
 from .fused_head import add_fused_policy_loss_head
 from .loss_step import PolicyLossStep
@@ -110,11 +111,16 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
                 eprint       = {arXiv:2603.26535},
             }"""),
     }
+    # TRL's names for the entropy controller's state: its own loss, checkpoint and logging use them
+    entropy_coef = trl_field("coef")
+    _last_world_entropy = trl_field("last_world_entropy")
+    _entropy_window_stats = trl_field("window_stats")
 
     def __init__(self, model, reward_funcs=None, args=None, *trl_args, process_reward_funcs=None, **trl_kwargs):
         process_reward_funcs = check_process_reward_funcs(process_reward_funcs)
         requested = getattr(args, "advantage_estimator", AUTO)  # None and a plain GRPOConfig mean "auto"
         args = as_papo_config(args, model, bool(process_reward_funcs))
+        self._entropy_control = EntropyControl(args)  # before GRPOTrainer's __init__ sets the fields above
         super().__init__(model, reward_funcs, args, *trl_args, **trl_kwargs)
         if requested == AUTO:
             logger.info(
