@@ -28,9 +28,11 @@ from .terms import (
     C_BONUS_N,
     C_ENT,
     C_HIGH,
+    C_HIGH_RATIO,
     C_KL,
     C_LOSS,
     C_LOW,
+    C_LOW_RATIO,
     C_PHI,
     C_REGION,
     C_TOKENS,
@@ -265,7 +267,8 @@ def _finalize_kernel(
     PART, W, OUT, LOSS_PTR, P, SEQ_SCALE, NUM_ITEMS, B, num_items, per_seq_denom, phi_per_seq,
     LOSS: tl.constexpr, HAS_SCALE: tl.constexpr, NI_MODE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    """Aggregation weights ``W[b]`` (loss = sum_b W[b] * PART[b, loss]), the loss and the metrics."""
+    """Aggregation weights ``W[b]`` (loss = sum_b W[b] * PART[b, loss]), the loss, the metrics and each sequence's
+    clip fractions."""
     offs = tl.arange(0, BLOCK_B)
     vz = tl.zeros([BLOCK_B], PART.dtype.element_ty)
     cnt, ents, kls, lows, highs, regs, phis, bon, bon_n = vz, vz, vz, vz, vz, vz, vz, vz, vz
@@ -308,6 +311,12 @@ def _finalize_kernel(
             w = vz + 1.0 / nb
         tl.store(W + row, w, mask=inb)
         pol += tl.where(inb, w * tl.load(PART + row * N_PART + C_LOSS, mask=inb, other=0.0), 0.0)
+        # the sequence's clip fractions (a sequence without tokens: 0 / 0, NaN); one flag per sequence as it is
+        flags_per = tl.where(per_seq_denom != 0, 1.0, tokens)
+        low = tl.load(PART + row * N_PART + C_LOW, mask=inb, other=0.0)
+        high = tl.load(PART + row * N_PART + C_HIGH, mask=inb, other=0.0)
+        tl.store(PART + row * N_PART + C_LOW_RATIO, low / flags_per, mask=inb)
+        tl.store(PART + row * N_PART + C_HIGH_RATIO, high / flags_per, mask=inb)
     policy = tl.sum(pol, axis=0)
     coef = tl.load(P + P_ENT_COEF)
     bonus_n = tl.sum(bon_n, axis=0)

@@ -19,14 +19,19 @@ of a row hits L2; blocks of up to ``MAX_BLOCK_V`` logits, 16 per thread at 16 wa
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from .batch import _count_kernel, _finalize_kernel, _quantile_kernel, _sequence_kernel
 from .plan import Plan
 from .rows import _rows, _scale_rows
+from .split import split_rows
 from .terms import LOSS_IDS, O_ENT_W
 
+ROW_KERNEL = os.environ.get("PAPO_ROW_KERNEL", "rows")
+"""The single-phase pass's kernel: ``rows`` (a program per row, the measured default), ``split`` (``split.py``: a row
+split over programs that meet at a barrier, one read) or ``split-reread`` (the same, the slice read again from L2)."""
 MAX_BLOCK_V = 8192  # vocabulary block of the row kernel
 SMALL_V, SMALL_BLOCK = 1 << 18, 1024  # rows up to SMALL_V logits: one warp, blocks of SMALL_BLOCK, a program per row
 L2_SHARE = 0.6  # of the L2 the rows in flight of a fused pass may take
@@ -97,8 +102,8 @@ def _launch_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, rows, dx, sdb, sdt,
     _rows[(programs(x, n_rows, warps, reuse),)](
         x, sxb, sxt, T_x, row0, n_rows, _or(rows, dummy), _or(dx, x), sdb, sdt, plan.ids, plan.mask, V, plan.T,
         plan.params, _or(gs, dummy), plan.logp, plan.ent, plan.rmax, plan.log2s, plan.dlogp, plan.ptl, plan.kl,
-        plan.flags, plan.w, plan.out[O_ENT_W.value :], plan.adv, a0, a1, _or(plan.old, dummy), _or(plan.ref, dummy),
-        _or(plan.isr, dummy), i0, i1,
+        plan.flags, plan.w, plan.out[O_ENT_W.value :], plan.err, plan.adv, a0, a1, _or(plan.old, dummy),
+        _or(plan.ref, dummy), _or(plan.isr, dummy), i0, i1,
         STATS=stats, GRAD=grad, TERMS=not plan.two_phase, HAS_SOFTCAP=plan.softcap, HAS_ROWS=rows is not None,
         ALIGNED=_aligned(sxb, sxt, sdb, sdt), ENT_GRAD=plan.cfg.entropy_coef != 0.0, ENT_MASK=plan.ent_mask,
         BLOCK=block, LANES=warps > 1, num_warps=warps, **plan.flags_kw(),
@@ -118,8 +123,13 @@ def grad_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: int
 
 def fused_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: int, gs, rows=None) -> None:
     """Single phase, one launch: the rows' statistics and loss terms, and ``gs * dL/dx`` into ``dx`` (may be
-    ``x``); needs the aggregation weights first (:func:`prepare_weights`)."""
+    ``x``); needs the aggregation weights first (:func:`prepare_weights`). The split-row kernel where
+    :data:`ROW_KERNEL` asks for it and the grid can be made co-resident, else the row kernel."""
     assert not plan.two_phase
+    if ROW_KERNEL != "rows" and split_rows(
+        plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb, sdt, gs, rows, reread=ROW_KERNEL == "split-reread"
+    ):
+        return
     _launch_rows(plan, x, sxb, sxt, T_x, row0, n_rows, rows, dx, sdb, sdt, gs, True, True)
 
 

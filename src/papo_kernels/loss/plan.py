@@ -4,14 +4,17 @@ buffers the kernels read and write (``launch.py`` runs the kernels on it)."""
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from .._runtime import cached_tensor
 from .config import VESPO_IS_RATIO_MIN, VESPO_LAMBDA_MIN, PolicyLossConfig, PolicyLossOutput
+from .inputs import LossInputs
 from .terms import (
+    C_HIGH_RATIO,
     C_LOSS,
+    C_LOW_RATIO,
     LOSS_IDS,
     N_OUT,
     N_PARAMS,
@@ -26,13 +29,12 @@ from .terms import (
     O_REGION,
 )
 
-_PARAMS: OrderedDict = OrderedDict()
-
 
 def params_tensor(cfg: PolicyLossConfig, dtype, device, logit_scale: float = 1.0, softcap: float | None = None):
     """The scalar parameters as a small tensor of the arithmetic dtype (cached: no copy per call)."""
     key = (cfg, dtype, str(device), float(logit_scale), softcap)
-    return _cached(key, lambda: torch.tensor(_params(cfg, dtype, logit_scale, softcap), dtype=dtype, device=device))
+    make = lambda: torch.tensor(_params(cfg, dtype, logit_scale, softcap), dtype=dtype, device=device)  # noqa: E731
+    return cached_tensor(key, make)
 
 
 def _params(cfg: PolicyLossConfig, dtype, logit_scale: float, softcap: float | None) -> list[float]:
@@ -57,17 +59,7 @@ def _params(cfg: PolicyLossConfig, dtype, logit_scale: float, softcap: float | N
 def scalar_tensor(value: float, dtype, device) -> torch.Tensor:
     """A one-element tensor holding ``value`` (cached like the parameters: no host-to-device copy per call)."""
     key = ("scalar", float(value), dtype, str(device))
-    return _cached(key, lambda: torch.tensor([value], dtype=dtype, device=device))
-
-
-def _cached(key, make):
-    hit = _PARAMS.get(key)
-    if hit is None:
-        hit = _PARAMS[key] = make()
-        if len(_PARAMS) > 64:
-            _PARAMS.popitem(last=False)
-    _PARAMS.move_to_end(key)
-    return hit
+    return cached_tensor(key, lambda: torch.tensor([value], dtype=dtype, device=device))
 
 
 @dataclass
@@ -104,6 +96,7 @@ class Plan:
     w: torch.Tensor
     out: torch.Tensor
     loss: torch.Tensor
+    err: torch.Tensor  # int32 [1]: 1 when an unmasked token's target id lies outside [0, V)
 
     @property
     def seq_level(self) -> bool:
@@ -125,9 +118,6 @@ class Plan:
             HAS_DELTA=c.delta is not None,
         )  # fmt: skip
 
-    def sequence_loss(self) -> torch.Tensor:
-        return self.part[:, C_LOSS.value]
-
 
 def metrics_from_out(out: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torch.Tensor]:
     """The metric dict (0-dim views of the finalize kernel's output vector), keyed as TRL logs them."""
@@ -147,29 +137,35 @@ def metrics_from_out(out: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torc
     return metrics
 
 
-def output_from(loss, logps, entropy, seq, out, cfg: PolicyLossConfig) -> PolicyLossOutput:
-    """The public output from the autograd function's outputs (metrics and entropy stats are views of ``out``)."""
+def output_from(loss, logps, entropy, part, out, err, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """The public output from the autograd function's outputs: per-sequence values are views of ``part``, the
+    metrics and entropy statistics views of ``out``. Off CUDA (Triton's interpreter) the id check raises at once."""
     stats = out[O_BONUS.value : O_BONUS.value + 2]
-    return PolicyLossOutput(loss, logps, entropy, metrics_from_out(out, cfg), seq, stats)
+    clip = part[:, C_LOW_RATIO.value : C_HIGH_RATIO.value + 1] if cfg.clipped else None
+    output = PolicyLossOutput(loss, logps, entropy, metrics_from_out(out, cfg), part[:, C_LOSS.value], stats, clip, err)
+    if not err.is_cuda:
+        output.check()
+    return output
 
 
 def make_plan(
-    completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-    sequence_scale, num_items_in_batch, cfg: PolicyLossConfig, acc: torch.dtype, device,
-    logit_scale: float = 1.0, softcap: float | None = None, zeroed: bool = False, sampling_logps=None,
+    completion_ids: torch.Tensor, inputs: LossInputs, cfg: PolicyLossConfig, acc: torch.dtype, device,
+    logit_scale: float = 1.0, softcap: float | None = None, zeroed: bool = False,
 ) -> Plan:  # fmt: skip
     """Prepared inputs and buffers; ``zeroed`` when the row kernel will not visit every token (compacted rows)."""
-    B, T = completion_ids.shape
+    B, T = inputs.shape
     N = B * T
-    mask = completion_mask.to(device).contiguous()
+    mask = inputs.completion_mask.to(device).contiguous()
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    adv = advantages.to(device)
-    isr = importance_sampling_ratio
+    adv = inputs.advantages.to(device)
+    isr = inputs.importance_sampling_ratio
     if isr is not None:
         isr = isr.to(device)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(device=device, dtype=acc).reshape(1)
+    num_items = inputs.num_items_in_batch
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.to(device=device, dtype=acc).reshape(1)
+    dense = lambda t: None if t is None else t.to(device).contiguous()  # noqa: E731
     # one allocation, every segment 16-element aligned (pointer alignment is part of Triton's specialization key)
     sizes = [N] * 7 + [N_PART.value * B, B, N_OUT]
     padded = [-(-n // 16) * 16 for n in sizes]
@@ -178,15 +174,13 @@ def make_plan(
     views = [v[:n] for v, n in zip(flat.split(padded), sizes, strict=True)]
     return Plan(
         cfg=cfg, B=B, T=T, acc=acc, ids=completion_ids.to(device).contiguous(), mask=mask, adv=adv,
-        adv_strides=(adv.stride(0), adv.stride(1) if adv.dim() == 2 else 0),
-        old=None if old_logps is None else old_logps.to(device).contiguous(),
-        ref=None if ref_logps is None else ref_logps.to(device).contiguous(),
-        isr=isr, isr_strides=(0, 0) if isr is None else (isr.stride(0), isr.stride(1) if isr.shape[1] > 1 else 0),
-        samp=None if sampling_logps is None else sampling_logps.to(device).contiguous(),
-        seq_scale=None if sequence_scale is None else sequence_scale.to(device).contiguous(),
-        num_items=num_items_in_batch, params=params_tensor(cfg, acc, device, logit_scale, softcap),
-        softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], dlogp=views[4],
-        ptl=views[5], kl=views[6], flags=alloc(N, dtype=torch.int32, device=device),
-        part=views[7].view(B, N_PART.value), w=views[8], out=views[9],
-        loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
+        adv_strides=(adv.stride(0), adv.stride(1) if adv.dim() == 2 else 0), old=dense(inputs.old_logps),
+        ref=dense(inputs.ref_logps), isr=isr,
+        isr_strides=(0, 0) if isr is None else (isr.stride(0), isr.stride(1) if isr.shape[1] > 1 else 0),
+        samp=dense(inputs.sampling_logps), seq_scale=dense(inputs.sequence_scale), num_items=num_items,
+        params=params_tensor(cfg, acc, device, logit_scale, softcap), softcap=softcap is not None, logp=views[0],
+        ent=views[1], rmax=views[2], log2s=views[3], dlogp=views[4], ptl=views[5], kl=views[6],
+        flags=alloc(N, dtype=torch.int32, device=device), part=views[7].view(B, N_PART.value), w=views[8],
+        out=views[9], loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
+        err=torch.zeros(1, dtype=torch.int32, device=device),
     )  # fmt: skip
