@@ -203,9 +203,11 @@ class PAPOConfig(GRPOConfig):
             raise ValueError(f"`max_generation_batches` must be an integer >= 1, got {mgb!r}")
         require_finite("daro_learning_rate", self.daro_learning_rate, 0, strict=True)
         check_weight_bounds(self.daro_init_weight, self.daro_max_weight, prefix="daro_")
-        self._check_estimator_options()
+        self._resolve_estimator_options()
 
-    def _check_estimator_options(self) -> None:
+    def _resolve_estimator_options(self) -> None:
+        """Set the options ``advantage_estimator`` fixes (``papo_fullnorm``: a process score for every response;
+        ``dr_grpo``: ``scale_rewards='none'``; ``gdpo``: ``normalize_then_sum``) and check the ones it needs."""
         estimator = self.advantage_estimator
         if estimator in PROCESS_ESTIMATORS and self.scale_rewards != "group":
             raise ValueError(
@@ -237,7 +239,7 @@ def resolve_estimator(estimator: str, has_process: bool) -> str:
 def as_papo_config(args, model, has_process: bool) -> PAPOConfig:
     """The trainer's config: `args` (``None`` -> a default ``PAPOConfig``; a plain ``GRPOConfig`` -> the same
     settings as a ``PAPOConfig``), with ``advantage_estimator="auto"`` resolved in a copy (see
-    :func:`resolve_estimator`) and checked against the other options."""
+    :func:`resolve_estimator`) and the options it fixes set and checked in that copy."""
     if args is None:
         name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
         args = PAPOConfig(f"{name.split('/')[-1]}-PAPO")
@@ -255,7 +257,7 @@ def as_papo_config(args, model, has_process: bool) -> PAPOConfig:
     args = copy.copy(args)
     args.advantage_estimator = resolve_estimator(AUTO, has_process)
     try:
-        args._check_estimator_options()
+        args._resolve_estimator_options()
     except ValueError as err:
         raise ValueError(
             f"`advantage_estimator='auto'` resolves to {args.advantage_estimator!r} because `process_reward_funcs` "

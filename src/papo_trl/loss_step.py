@@ -10,7 +10,6 @@ from trl.trainer.utils import nanmax, nanmin
 
 from papo_kernels.loss import LossInputs, logps_loss
 
-from .entropy_control import loss_config_for_step, update_entropy_control
 from .fused_head import HeadLoss
 
 __all__ = ["MULTIMODAL_KEYS", "PolicyLossStep"]
@@ -47,7 +46,7 @@ class PolicyLossStep:
             scale = self._daro.sequence_scale(inputs["daro_bucket"], inputs["daro_bucket_tokens"], factor)
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / factor
         output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items, 1.0 / accumulation)
-        update_entropy_control(self, output.entropy_stats, mode)
+        self._entropy_control.update(output.entropy_stats, mode, self.accelerator, self._metrics[mode])
         loss = output.loss / accumulation
         if aux_loss is not None and self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
@@ -79,7 +78,7 @@ class PolicyLossStep:
             sequence_scale=sequence_scale,
         )  # fmt: skip
         multimodal = {key: inputs.get(key) for key in MULTIMODAL_KEYS}
-        config = loss_config_for_step(self, self._loss_config)
+        config = self._entropy_control.loss_config(self._loss_config)
         if self._fused_loss and all(value is None for value in multimodal.values()):
             head_loss = HeadLoss(completion_ids, loss_inputs, config, grad_scale)
             with self.accelerator.autocast():
@@ -93,7 +92,7 @@ class PolicyLossStep:
     def _log_loss_metrics(self, output, inputs, mask, mode: str) -> None:
         """The loss metrics TRL logs, under its names and with its reductions over processes: token-weighted means
         (sequence-weighted for per-sequence values: VESPO's weight, sequence-level clip fractions), ``policy_loss``
-        with an entropy bonus only (``entropy_coef`` is logged by ``update_entropy_control``), and the extreme
+        with an entropy bonus only (``entropy_coef`` is logged by ``EntropyControl.update``), and the extreme
         per-sequence clip fractions."""
         output.check()  # the kernels' flag for target ids outside the vocabulary (logging synchronises anyway)
         sequence_level = self._loss_config.importance_sampling_level == "sequence"
