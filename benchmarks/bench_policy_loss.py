@@ -10,6 +10,9 @@ Methods:
   fused_inplace             the same with inplace_grad=True (on a copy of the logits; its later repetitions read
                             the previous gradient as logits: the same traffic)
   fused_inplace_no_entropy  in place with the entropy bonus off: Liger's semantics, the like-for-like row
+  split, split_inplace_no_entropy
+                            the same two with the split-row kernel (loss/split.py, PAPO_ROW_KERNEL=split: a row over
+                            K programs that meet at a barrier, one read), beside the row kernel's rows
   trl_kernel                TRL 1.16's Triton selective_log_softmax_and_entropy (padded rows skipped) + the eager loss
   trl_eager                 TRL 1.16's torch branches (per-row log_softmax, entropy in chunks of 128 rows) + the
                             eager loss
@@ -48,13 +51,13 @@ from peers import (
 from reference import LogitsReference, LossInputs, near_policy, term_rows, without_entropy_bonus
 
 from papo_kernels import PolicyLossConfig, policy_loss
-from papo_kernels.loss import loss_from_logps
+from papo_kernels.loss import launch, loss_from_logps
 
 CFG = PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01)
 SWEEP = [(V, tokens, pad) for V in (151936, 32000) for tokens in (16384, 32768) for pad in (0.0, 0.25)]
 QUICK = [(256, 32, 0.25)]
 TERMS_SHAPE, SEQ, QUICK_SEQ = (151936, 4096, 0.25), 1024, 16
-TERM_METHODS = ("fused", "fused_inplace", "trl_kernel", "trl_eager", "liger")
+TERM_METHODS = ("fused", "fused_inplace", "split", "trl_kernel", "trl_eager", "liger")
 TOL_LOSS, TOL_GRAD = 1e-3, 1e-2
 METHOD_LIMIT_S = 60
 
@@ -96,11 +99,18 @@ def methods(inp: Inputs, config: PolicyLossConfig, triton_peers: bool) -> dict:
 
         return run
 
-    def ours(cfg: PolicyLossConfig, inplace: bool):
+    def ours(cfg: PolicyLossConfig, inplace: bool, kernel: str = "rows"):
         def make():
             leaf = x.detach().clone().requires_grad_() if inplace else x
-            return with_grad(leaf, lambda: policy_loss(leaf, ids, mask, adv, **inp.loss_kwargs(), config=cfg,
-                                                       inplace_grad=inplace).loss)  # fmt: skip
+
+            def loss():
+                launch.ROW_KERNEL, saved = kernel, launch.ROW_KERNEL
+                try:
+                    return policy_loss(leaf, ids, mask, adv, **inp.loss_kwargs(), config=cfg, inplace_grad=inplace).loss
+                finally:
+                    launch.ROW_KERNEL = saved
+
+            return with_grad(leaf, loss)
 
         return make
 
@@ -118,6 +128,8 @@ def methods(inp: Inputs, config: PolicyLossConfig, triton_peers: bool) -> dict:
         "fused": (ours(config, False), config, None),
         "fused_inplace": (ours(config, True), config, "gradient written into (a copy of) the logits"),
         "fused_inplace_no_entropy": (ours(no_entropy, True), no_entropy, "in place, no entropy bonus: as Liger"),
+        "split": (ours(config, False, "split"), config, "the split-row kernel"),
+        "split_inplace_no_entropy": (ours(no_entropy, True, "split"), no_entropy, "the split-row kernel, as Liger"),
         "trl_eager": (lambda: with_grad(x, lambda: eager_loss(*trl_eager_logps_entropy(x, ids))), config, None),
     }
     if triton_peers and trl_available():

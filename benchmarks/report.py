@@ -35,9 +35,11 @@ MEASURED = ("gpu_ms", "gpu_ms_min", "gpu_ms_max", "gpu_samples", "wall_ms", "wal
 PROFILE = ("attention", "mlp", "lm_head_loss", "optimizer", "other", "gaps", "window")
 # pairs of rows compared in the headline: (ours, peer, what the peer is); like for like where the names say so
 LOGITS = [("fused_inplace_no_entropy", "liger", "Liger, both in place without the entropy bonus"),
+          ("split_inplace_no_entropy", "liger", "Liger, both in place without the entropy bonus (ours: split rows)"),
+          ("split", "fused", "our row kernel (ours: the split-row kernel)"),
           ("fused", "trl_kernel", "TRL's kernel path + eager loss")]  # fmt: skip
-LOGITS_ALL = [LOGITS[0], ("fused_inplace", "liger", "Liger in place (ours in place, with the entropy bonus)"),
-              LOGITS[1], ("fused", "trl_eager", "TRL's eager path")]  # fmt: skip
+LOGITS_ALL = [*LOGITS[:3], ("fused_inplace", "liger", "Liger in place (ours in place, with the entropy bonus)"),
+              LOGITS[3], ("fused", "trl_eager", "TRL's eager path")]  # fmt: skip
 LINEAR = [("fused", "trl_chunked", "TRL's chunked path + eager loss"),
           ("fused_no_entropy", "liger", "Liger's fused linear GRPO loss, both without the entropy bonus"),
           ("fused_no_entropy", "cce", "Cut Cross-Entropy log-probs + eager loss, both without the bonus")]  # fmt: skip
