@@ -2,9 +2,10 @@
 
 Hook points in TRL 1.16: ``_calculate_rewards`` (score the process rewards of the correct responses and keep the
 gathered rewards), ``_generate_and_score_completions`` (dynamic-sampling rounds, then replace ``advantages`` by
-the estimator's, computed on the gathered rewards and sliced to this process exactly as TRL slices) and
+the estimator's, computed on the gathered rewards and sliced to this process exactly as TRL slices),
 ``_compute_loss`` (the fused linear-head loss inside the model's forward, DARO's per-bucket weighting; TRL's own
-loss whenever neither applies). Without a PAPO option the advantages are TRL's own, untouched.
+loss whenever neither applies) and ``_get_per_token_logps_and_entropies`` (packed rows with ``padding_free``).
+Without a PAPO option the advantages are TRL's own, untouched.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .diagnostics import advantage_metrics, process_metrics, reward_func_counter
 from .estimators import compute_advantages, correctness, fill_unscorable
 from .fused_head import add_fused_policy_loss_head
 from .loss_step import PolicyLossStep
+from .packing import PaddingFree, resolve_padding_free
 from .process_rewards import check_process_reward_funcs, score_process_rewards
 from .sampling import PromptStream, assemble_rounds, check_row_keys
 from .sharding import check_sharding
@@ -46,7 +48,7 @@ logger = get_logger(__name__)
 PAPO_STATE_NAME = "papo_state.pt"
 
 
-class PAPOTrainer(PolicyLossStep, GRPOTrainer):
+class PAPOTrainer(PolicyLossStep, PaddingFree, GRPOTrainer):
     """[`~trl.GRPOTrainer`] with decoupled process-aware advantages (PAPO), GDPO, Dr. GRPO, DARO and DAPO dynamic
     sampling; see [`PAPOConfig`].
 
@@ -161,6 +163,7 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
         if self._fused_loss:
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             add_fused_policy_loss_head(base, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+        self._padding_free = resolve_padding_free(args.padding_free, (self.model, self.ref_model), self._is_vlm)
         self._round_rewards = None
         # without a PAPO option, TRL's own advantages and metrics: GRPOTrainer's exactly
         papo_options = (bool(process_reward_funcs), args.advantage_estimator != "grpo", args.dynamic_sampling)

@@ -109,6 +109,28 @@ def test_in_place_gradient_of_a_packed_row():
     torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
 
 
+def test_pack_and_padded_are_inverse():
+    """``LossInputs.pack(keep)`` packs a padded batch's tokens; ``padded()`` lays them out again (padding: mask 0, IS
+    ratio 1, the rest 0)."""
+    cfg = PolicyLossConfig(loss_type="vespo")
+    case, packed, keep = padded_and_packed(4, cfg, dict(adv_2d=True, is_ratio="token", sampling=True),
+                                           torch.tensor([2, T, 0, 5]))  # fmt: skip
+    names = ("old_logps", "importance_sampling_ratio", "sampling_logps")
+    inputs = LossInputs(case["completion_mask"], case["advantages"], **{n: case[n] for n in names})
+    ours = inputs.pack(keep.to(DEVICE))
+    assert ours.cu_seqlens.tolist() == packed["cu_seqlens"].tolist() and ours.max_seqlen == T
+    for name in ("completion_mask", "advantages", *names):
+        torch.testing.assert_close(getattr(ours, name), packed[name], rtol=0, atol=0, equal_nan=True, msg=name)
+    again, index = ours.padded()
+    assert again.cu_seqlens is None and index.tolist() == keep.reshape(-1).nonzero().squeeze(1).tolist()
+    for name in ("completion_mask", "advantages", "importance_sampling_ratio"):  # pack_case padded them so
+        torch.testing.assert_close(getattr(again, name), getattr(inputs, name), rtol=0, atol=0, msg=name)
+    for name in ("old_logps", "sampling_logps"):
+        got = getattr(again, name)
+        assert got[~keep].eq(0).all()
+        torch.testing.assert_close(got[keep], getattr(inputs, name)[keep], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize(
     "cu, fields, message",
     [

@@ -135,6 +135,22 @@ class LossInputs:
         tokens = torch.arange(N, device=self.cu_seqlens.device)
         return torch.searchsorted(self.cu_seqlens[1:].long(), tokens, right=True)
 
+    def pack(self, keep: Tensor) -> LossInputs:
+        """Padded: the tokens where ``keep[B, T]`` (bool) in one row, each row a sequence. The loss is the same when
+        the tokens left out are padding (mask 0, IS ratio 1), as TRL's after each completion."""
+        B, T = self.shape
+        rows = keep.reshape(-1).nonzero().squeeze(1)
+        tok = lambda t: None if t is None else t.reshape(-1)[rows].view(1, -1)  # noqa: E731
+        isr = self.importance_sampling_ratio
+        cu = torch.zeros(B + 1, dtype=torch.int64, device=keep.device)
+        torch.cumsum(keep.sum(1), 0, out=cu[1:])
+        return replace(
+            self, completion_mask=tok(self.completion_mask), old_logps=tok(self.old_logps),
+            ref_logps=tok(self.ref_logps), sampling_logps=tok(self.sampling_logps),
+            advantages=tok(self.advantages) if self.advantages.dim() == 2 else self.advantages,
+            importance_sampling_ratio=tok(isr) if isr is not None and isr.shape[1] == T > 1 else isr, cu_seqlens=cu,
+        )  # fmt: skip
+
     def padded(self) -> tuple[LossInputs, Tensor]:
         """Packed: the same sequences padded to ``[B, max(max_seqlen, 1)]`` (mask 0, importance-sampling ratio 1,
         the rest 0 in the padding), and each token's flat position in that layout (see :func:`pad_tokens`)."""
