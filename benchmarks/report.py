@@ -22,11 +22,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("PAPO_BENCH_RESULTS") or HERE / "results")
 README = HERE.parent / "README.md"
-OURS = ("fused", "papo_fused")
+OURS = ("fused", "papo_fused", "papo_packed")
 METRICS = ("gpu_ms", "wall_ms", "peak_mib", "fraction_of_floor")
 # benchmark -> (x axis, keys that split the plots)
 PLOTS = {"policy_loss": ("tokens", ("V", "pad")), "fused_linear": ("tokens", ("head",)),
-         "advantages": ("N", ("estimator", "G")), "trainer_step": ("tokens", ())}  # fmt: skip
+         "advantages": ("N", ("estimator", "G")), "trainer_step": ("tokens", ("lengths",))}  # fmt: skip
 LEAD = ("estimator", "head", "V", "D", "N", "G", "tokens", "pad", "method", "status")
 MEASURED = ("gpu_ms", "wall_ms", "ratio_to_fused", "fraction_of_floor", "kernels", "copies", "d2h", "syncs",
             "peak_mib", "parity_ok")  # fmt: skip
