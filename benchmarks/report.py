@@ -22,11 +22,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("PAPO_BENCH_RESULTS") or HERE / "results")
 README = HERE.parent / "README.md"
-OURS = ("fused", "papo_fused")
+OURS = ("fused", "papo_fused", "papo_packed")
 METRICS = ("gpu_ms", "wall_ms", "peak_mib", "fraction_of_floor")
 # benchmark -> (x axis, keys that split the plots)
 PLOTS = {"policy_loss": ("tokens", ("V", "pad")), "fused_linear": ("tokens", ("head",)),
-         "advantages": ("N", ("estimator", "G")), "trainer_step": ("tokens", ())}  # fmt: skip
+         "advantages": ("N", ("estimator", "G")), "trainer_step": ("tokens", ("lengths",))}  # fmt: skip
 LEAD = ("estimator", "case", "head", "V", "D", "N", "G", "tokens", "pad", "method", "status")
 MEASURED = ("gpu_ms", "gpu_ms_min", "gpu_ms_max", "gpu_samples", "wall_ms", "wall_ms_min", "wall_ms_max",
             "wall_samples", "kernel_ms", "ratio_to_fused", "fraction_of_floor", "fraction_of_peak", "kernels",
@@ -43,7 +43,9 @@ LOGITS_ALL = [*LOGITS[:3], ("fused_inplace", "liger", "Liger in place (ours in p
 LINEAR = [("fused", "trl_chunked", "TRL's chunked path + eager loss"),
           ("fused_no_entropy", "liger", "Liger's fused linear GRPO loss, both without the entropy bonus"),
           ("fused_no_entropy", "cce", "Cut Cross-Entropy log-probs + eager loss, both without the bonus")]  # fmt: skip
-STEP = [("papo_fused", "trl_default", "TRL's default GRPOTrainer path")]
+STEP = [("papo_packed", "trl_default", "TRL's default GRPOTrainer path (ours: packed)"),
+        ("papo_padded", "trl_default", "TRL's default GRPOTrainer path (ours: padded)"),
+        ("papo_fused", "trl_default", "TRL's default GRPOTrainer path (ours: padded, runs before padding_free)")]
 # (benchmark, config, label, pairs)
 HEADLINES = [
     ("policy_loss", dict(V=151936, tokens=16384, pad=0.25), "loss from logits, V=151,936, 16k tok, 25% pad",
@@ -57,8 +59,9 @@ HEADLINES = [
      [("fused", "trl_eager", "TRL's GRPO formula (sum_then_normalize)")]),
     ("advantages", dict(estimator="papo", N=1024, G=8), "`papo_advantages`, N=1,024, G=8, one call",
      [("fused", "official_loop", "the official PAPO code's per-prompt loop (transcribed)")]),
-    ("trainer_step", dict(tokens=4096), "training step, Qwen2.5-0.5B config, 4k tok", STEP),
-    ("trainer_step", dict(tokens=16384), "training step, Qwen2.5-0.5B config, 16k tok", STEP),
+    ("trainer_step", dict(tokens=4096), "training step, Qwen2.5-0.5B config, 4k tok, no padding", STEP),
+    ("trainer_step", dict(tokens=16384, lengths="heavy_tail"),
+     "training step, Qwen2.5-0.5B config, 16k tok, heavy-tailed lengths", STEP),
 ]  # fmt: skip
 
 

@@ -96,6 +96,14 @@ class PAPOConfig(GRPOConfig):
             `TRITON_INTERPRET=1`), for text batches. It covers every option of TRL's loss (every `loss_type`,
             `vespo` included, `top_entropy_quantile`, `off_policy_mask_threshold`, `use_adaptive_entropy`, ...).
             Otherwise, and when `False`, TRL's own loss.
+        padding_free (`bool` or `None`, *optional*, defaults to `None`):
+            Pack each micro-batch's sequences (prompt + completion, without padding) into one row, `position_ids`
+            restarting at each sequence, for every forward: the gradient pass and the log-prob passes without
+            gradients (old policy, reference model). No padded token goes through the model or the LM head; the
+            loss is the padded one (every sequence-level quantity included). `None`: on where the model's attention
+            takes packed sequences (`flash_attention_2`/`3`, `flex_attention`, and `sdpa` or `eager` through
+            transformers' packed-sequence masks), for text-only models without recurrent layers; otherwise off.
+            `True` where the model cannot take them is a `ValueError`.
 
         > Parameters that control DAPO dynamic sampling
 
@@ -165,6 +173,11 @@ class PAPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Use the fused linear-head policy loss of papo_kernels where available."},
     )
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "Pack each micro-batch's sequences into one row (no padding); None: where the attention "
+                  "takes packed sequences."},
+    )  # fmt: skip
     dynamic_sampling: bool = field(
         default=False,
         metadata={"help": "DAPO dynamic sampling: drop groups with equal outcome rewards and generate more."},

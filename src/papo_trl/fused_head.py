@@ -42,12 +42,14 @@ from papo_kernels.loss import LossInputs, PolicyLossConfig, linear_loss
 class HeadLoss:
     """What the fused loss takes besides the hidden states and the head: the ``[B, T]`` completion ids at the end of
     ``input_ids``, the loss inputs, the hyper-parameters and the upstream gradient the loss will get (``1 /``
-    accumulation steps: a free backward)."""
+    accumulation steps: a free backward). Packed (``inputs.cu_seqlens``): the ``[1, n]`` completion ids and
+    ``predict``, the ``[n]`` flat positions of the packed rows whose hidden states predict them."""
 
     completion_ids: torch.Tensor
     inputs: LossInputs
     config: PolicyLossConfig
     grad_scale: float = 1.0
+    predict: torch.Tensor | None = None
 
 
 def head_transform(text_config) -> tuple[float, float | None]:
@@ -119,7 +121,9 @@ def add_fused_policy_loss_head(
         backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
         T = policy_loss.completion_ids.shape[1]
         lm_head = self.get_output_embeddings()
-        hidden = backbone_outputs.last_hidden_state[:, -T - 1 : -1].to(lm_head.weight.device)
+        hidden, predict = backbone_outputs.last_hidden_state, policy_loss.predict
+        hidden = hidden[:, -T - 1 : -1] if predict is None else hidden.flatten(0, 1)[predict][None]
+        hidden = hidden.to(lm_head.weight.device)
         weight = gather_sharded_head(lm_head.weight, lm_head)  # once per forward, before the token chunks
         bias = gather_sharded_head(lm_head.bias, lm_head)
         autocast = nullcontext()

@@ -64,8 +64,8 @@ class PolicyLossStep:
     def _policy_loss(self, model, inputs, mask, sequence_scale, num_items_in_batch, grad_scale=1.0):
         """The policy loss of a micro-batch as a ``PolicyLossOutput`` (and the MoE aux loss): the fused linear-head
         loss inside the model's forward (no logits materialised, gradients computed in the forward for the upstream
-        gradient ``grad_scale``) when enabled, else TRL's per-token log-probs (its chunked LM head) and
-        ``papo_kernels.loss.logps_loss``."""
+        gradient ``grad_scale``; with ``padding_free``, on the packed sequences) when enabled, else TRL's per-token
+        log-probs (its chunked LM head; packed with ``padding_free``) and ``papo_kernels.loss.logps_loss``."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -80,9 +80,15 @@ class PolicyLossStep:
         multimodal = {key: inputs.get(key) for key in MULTIMODAL_KEYS}
         config = self._entropy_control.loss_config(self._loss_config)
         if self._fused_loss and all(value is None for value in multimodal.values()):
+            forward = dict(input_ids=input_ids, attention_mask=attention_mask)
             head_loss = HeadLoss(completion_ids, loss_inputs, config, grad_scale)
+            rows = self._pack(model, input_ids, attention_mask, completion_ids.size(1))
+            if rows is not None:  # packed rows, the completions only in the loss
+                forward = dict(input_ids=rows.input_ids, position_ids=rows.position_ids)
+                head_loss = HeadLoss(rows.completions(completion_ids), rows.loss_inputs(loss_inputs), config,
+                                     grad_scale, rows.predict)  # fmt: skip
             with self.accelerator.autocast():
-                return model(input_ids=input_ids, attention_mask=attention_mask, policy_loss=head_loss)
+                return model(**forward, policy_loss=head_loss)
         logps, entropy, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled, **multimodal,

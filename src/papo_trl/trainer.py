@@ -3,9 +3,9 @@
 Hook points in TRL 1.16: ``_calculate_rewards`` (score the process rewards of the correct responses and record the
 gathered rewards on the round's rows, :class:`ScoredRows`), ``_generate_and_score_completions`` (dynamic-sampling
 rounds, then replace ``advantages`` by the estimator's, computed on the gathered rewards and sliced to this process
-exactly as TRL slices) and ``_compute_loss`` (the fused linear-head loss inside the model's forward, DARO's
-per-bucket weighting; TRL's own loss whenever neither applies). Without a PAPO option the advantages are TRL's own,
-untouched.
+exactly as TRL slices), ``_compute_loss`` (the fused linear-head loss inside the model's forward, DARO's
+per-bucket weighting; TRL's own loss whenever neither applies) and ``_get_per_token_logps_and_entropies`` (packed
+rows with ``padding_free``). Without a PAPO option the advantages are TRL's own, untouched.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .entropy_control import EntropyControl, trl_field
 from .estimators import compute_advantages, correctness, fill_unscorable
 from .fused_head import add_fused_policy_loss_head
 from .loss_step import PolicyLossStep
+from .packing import PaddingFree, resolve_padding_free
 from .process_rewards import check_process_reward_funcs, score_process_rewards
 from .sampling import PromptStream, assemble_rounds, check_row_keys
 from .sharding import check_sharding
@@ -56,7 +57,7 @@ class ScoredRows(list):
     rewards: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
-class PAPOTrainer(PolicyLossStep, GRPOTrainer):
+class PAPOTrainer(PolicyLossStep, PaddingFree, GRPOTrainer):
     """[`~trl.GRPOTrainer`] with decoupled process-aware advantages (PAPO), GDPO, Dr. GRPO, DARO and DAPO dynamic
     sampling; see [`PAPOConfig`].
 
@@ -176,6 +177,7 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
         if self._fused_loss:
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             add_fused_policy_loss_head(base, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+        self._padding_free = resolve_padding_free(args.padding_free, (self.model, self.ref_model), self._is_vlm)
         # without a PAPO option, TRL's own advantages and metrics: GRPOTrainer's exactly
         papo_options = (bool(process_reward_funcs), args.advantage_estimator != "grpo", args.dynamic_sampling)
         self._papo_advantages = any(papo_options)

@@ -101,6 +101,14 @@ def _fused_linear_cases(g):
         out = fused_linear_policy_loss(h, w, ids, mask, torch.randn(2, generator=g), config=cfg,
                                        final_logit_softcapping=30.0, chunk_size=3, **kw)  # fmt: skip
         out.loss.backward()
+    # packed sequences (one empty), single and two phases, per-sequence IS ratio
+    cu = torch.tensor([0, 3, 3, 5], dtype=torch.int32)
+    for cfg in CONFIGS[:1] + CONFIGS[-1:]:
+        x = torch.randn(1, 5, 100, generator=g).requires_grad_()
+        kw = {name: torch.randn(1, 5, generator=g) for name in ("old_logps", "sampling_logps", "ref_logps")}
+        kw["importance_sampling_ratio"] = torch.rand(3, 1, generator=g)
+        ids, adv = torch.randint(0, 100, (1, 5), generator=g), torch.randn(3, generator=g)
+        policy_loss(x, ids, torch.ones(1, 5), adv, cu_seqlens=cu, config=cfg, **kw).loss.backward()
 
 
 def gpu_variants(calls):

@@ -92,6 +92,7 @@ def fused_linear_policy_loss(
     sampling_logps: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | float | None = None,
     sequence_scale: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
@@ -113,8 +114,9 @@ def fused_linear_policy_loss(
         weight: ``[V, D]`` the LM head (tied or not; a frozen head gets no gradient).
         completion_ids: ``[B, T]`` integer targets in ``[0, V)``.
         completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
-            num_items_in_batch, sequence_scale: the fields of :class:`~papo_kernels.loss.LossInputs`
-            (``completion_mask``: masked tokens cost no matmul; ``old_logps=None``: on-policy).
+            num_items_in_batch, sequence_scale, cu_seqlens: the fields of :class:`~papo_kernels.loss.LossInputs`
+            (``completion_mask``: masked tokens cost no matmul; ``old_logps=None``: on-policy; ``cu_seqlens``: the
+            sequences packed into one row, ``hidden[1, N, D]``).
         bias: ``[V]`` or ``None``.
         logit_scale: multiplies the head's output (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``).
         final_logit_softcapping: ``c * tanh(z / c)`` after the scale (Gemma 2), or ``None``.
@@ -145,7 +147,7 @@ def fused_linear_policy_loss(
     """
     inputs = LossInputs(
         completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
-        num_items_in_batch, sequence_scale,
+        num_items_in_batch, sequence_scale, cu_seqlens,
     )  # fmt: skip
     return linear_loss(
         hidden, weight, completion_ids, inputs, config, bias=bias, logit_scale=logit_scale,

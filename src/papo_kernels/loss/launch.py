@@ -135,41 +135,44 @@ def fused_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: in
 
 def prepare_weights(plan: Plan) -> None:
     """The single-phase pre-pass: per-sequence token counts, then the aggregation and entropy-bonus weights."""
-    _count_kernel[(plan.B,)](plan.mask, plan.part, plan.T, BLOCK_T=BLOCK_T)
+    _count_kernel[(plan.seqs.n,)](plan.mask, plan.part, plan.seqs.cu, BLOCK_T=BLOCK_T)
     finalize(plan)
 
 
 def sequence_and_finalize(plan: Plan) -> None:
     """(High-entropy threshold,) per-sequence sums and two-phase coefficients, then weights, loss and metrics."""
-    a0, a1 = plan.adv_strides
-    i0, i1 = plan.isr_strides
+    seqs = plan.seqs
     dummy = plan.logp
     if plan.ent_mask:
         keys = torch.where(plan.mask.view(-1) != 0, plan.ent.float(), float("inf")).sort().values
         _quantile_kernel[(1,)](keys, plan.mask, plan.out, plan.params, plan.B * plan.T, BLOCK=BLOCK_N)
-    one_per_seq = plan.seq_level and plan.adv.dim() == 1
+    one_per_seq = plan.seq_level and seqs.adv.dim() == 1
     c = plan.cfg
-    _sequence_kernel[(plan.B,)](
-        plan.logp, plan.ent, plan.dlogp, plan.ptl, plan.kl, plan.flags, plan.mask, plan.adv, a0, a1,
-        _or(plan.old, dummy), _or(plan.ref, dummy), _or(plan.isr, dummy), i0, i1,
-        1 if plan.isr is None else plan.isr.shape[1], _or(plan.samp, dummy), plan.part, plan.out, plan.params,
-        plan.T, int(one_per_seq and plan.T > 1), int(plan.adv.dim() == 1 or plan.T == 1),
-        TWO_PHASE=plan.two_phase, SEQ_LEVEL=plan.seq_level, VESPO_ISR=plan.isr is not None and c.loss_type == "vespo",
+    _sequence_kernel[(seqs.n,)](
+        plan.logp, plan.ent, plan.dlogp, plan.ptl, plan.kl, plan.flags, plan.mask, seqs.adv, *seqs.adv_strides,
+        _or(plan.old, dummy), _or(plan.ref, dummy), _or(seqs.isr, dummy), *seqs.isr_strides, int(seqs.isr_per_seq),
+        _or(plan.samp, dummy), plan.part, plan.out, plan.params, seqs.cu, int(one_per_seq and seqs.width > 1),
+        int(seqs.adv.dim() == 1 and seqs.width > 1),
+        TWO_PHASE=plan.two_phase, SEQ_LEVEL=plan.seq_level, VESPO_ISR=seqs.isr is not None and c.loss_type == "vespo",
         OFF_POLICY=c.off_policy_mask_threshold is not None, HAS_SAMP=plan.samp is not None, ENT_MASK=plan.ent_mask,
         BLOCK_T=BLOCK_T, **plan.flags_kw(),
     )  # fmt: skip
-    finalize(plan, per_seq_denom=one_per_seq or plan.T == 1)
+    finalize(plan, per_seq_denom=one_per_seq or seqs.width == 1)
 
 
 def finalize(plan: Plan, per_seq_denom: bool = False) -> None:
+    """Aggregation weights (spread over the tokens of a packed batch), loss and metrics from the per-sequence sums."""
+    seqs = plan.seqs
     ni = plan.num_items
     ni_mode = 0 if ni is None else (2 if isinstance(ni, torch.Tensor) else 1)
     _finalize_kernel[(1,)](
-        plan.part, plan.w, plan.out, plan.loss, plan.params,
-        plan.seq_scale if plan.seq_scale is not None else plan.w, ni if ni_mode == 2 else plan.w,
-        plan.B, float(ni) if ni_mode == 1 else 0.0, int(per_seq_denom), int(plan.adv.dim() == 1 or plan.T == 1),
+        plan.part, seqs.w, plan.out, plan.loss, plan.params,
+        plan.seq_scale if plan.seq_scale is not None else seqs.w, ni if ni_mode == 2 else seqs.w,
+        seqs.n, float(ni) if ni_mode == 1 else 0.0, int(per_seq_denom), int(seqs.adv.dim() == 1 or seqs.width == 1),
         LOSS=LOSS_IDS[plan.cfg.loss_type], HAS_SCALE=plan.seq_scale is not None, NI_MODE=ni_mode, BLOCK_B=BLOCK_B,
     )  # fmt: skip
+    if seqs.token_seq is not None:
+        torch.index_select(seqs.w, 0, seqs.token_seq, out=plan.w)
 
 
 def scale_rows(dx: torch.Tensor, grad_output: torch.Tensor, gs: torch.Tensor) -> None:

@@ -85,11 +85,13 @@ def policy_loss(
     logits: Tensor, completion_ids: Tensor, completion_mask: Tensor, advantages: Tensor, *,
     old_logps: Tensor | None = None, ref_logps: Tensor | None = None, importance_sampling_ratio: Tensor | None = None,
     sampling_logps: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
-    sequence_scale: Tensor | None = None, inplace_grad: bool = False, grad_scale: float | Tensor = 1.0,
+    sequence_scale: Tensor | None = None, cu_seqlens: Tensor | None = None, inplace_grad: bool = False,
+    grad_scale: float | Tensor = 1.0,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
 ) -> PolicyLossOutput:  # fmt: skip
-    """TRL 1.16's GRPO-family loss of one micro-batch from ``logits[B, T, V]``: the Triton kernels where
-    :func:`~papo_kernels.kernels_available`, else the torch reference (:func:`~papo_kernels.loss.naive_policy_loss`).
+    """TRL 1.16's GRPO-family loss of one micro-batch from ``logits[B, T, V]`` (``[1, N, V]`` packed): the Triton
+    kernels where :func:`~papo_kernels.kernels_available`, else the torch reference
+    (:func:`~papo_kernels.loss.naive_policy_loss`).
     See :class:`~papo_kernels.PolicyLossConfig` for the semantics; :func:`logits_loss` is the same on
     :class:`~papo_kernels.loss.LossInputs`.
 
@@ -102,8 +104,9 @@ def policy_loss(
             shifts).
         completion_ids: ``[B, T]`` integer targets in ``[0, V)``.
         completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
-            num_items_in_batch, sequence_scale: the fields of :class:`~papo_kernels.loss.LossInputs`
-            (``completion_mask``: masked rows are never read; ``old_logps=None``: on-policy).
+            num_items_in_batch, sequence_scale, cu_seqlens: the fields of :class:`~papo_kernels.loss.LossInputs`
+            (``completion_mask``: masked rows are never read; ``old_logps=None``: on-policy; ``cu_seqlens``: the
+            sequences packed into one row).
         inplace_grad: the forward overwrites ``logits`` with the gradient (masked rows with zeros): no gradient
             buffer, but do not read the logits after the call.
         grad_scale: the upstream gradient the gradient is computed for (a number or a one-element tensor on the
@@ -130,7 +133,7 @@ def policy_loss(
     """
     inputs = LossInputs(
         completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
-        num_items_in_batch, sequence_scale,
+        num_items_in_batch, sequence_scale, cu_seqlens,
     )  # fmt: skip
     return logits_loss(logits, completion_ids, inputs, config, inplace_grad=inplace_grad, grad_scale=grad_scale)
 
@@ -148,10 +151,12 @@ def logits_loss(
         return naive_logits_loss(logits, completion_ids, inputs, config)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
+    if inputs.packed:  # the row kernel's view of the one packed row: a row per token
+        logits = logits[0].unsqueeze(1)
     loss, logps, entropy, part, out, err = PolicyLossFunction.apply(
         logits, completion_ids, inputs, config, inplace_grad, grad_scale
     )
-    return output_from(loss, logps, entropy, part, out, err, config)
+    return output_from(loss, logps.view(inputs.shape), entropy.view(inputs.shape), part, out, err, config)
 
 
 def check_grad_scale(grad_scale, where: torch.Tensor) -> None:

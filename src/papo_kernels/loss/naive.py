@@ -17,7 +17,8 @@ quantile of the batch's token entropies, TRL's fp32 ``torch.quantile``), times t
 (not for ``vespo``, whose ``w`` holds it), plus ``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1``
 (times ``r`` with ``use_bias_correction_kl``). The per-sequence masked sums are aggregated per ``loss_type`` (or
 weighted by ``sequence_scale``), and the entropy bonus ``entropy_coef * mean entropy`` over the tokens the policy
-term keeps is subtracted. Arithmetic runs in fp32, or fp64 for fp64 inputs.
+term keeps is subtracted. Arithmetic runs in fp32, or fp64 for fp64 inputs. Packed sequences (``cu_seqlens``) are
+the same sequences padded: the reference pads them and reads the per-token outputs back.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from .._runtime import check_tensor, compute_dtype, require
 from .config import VESPO_IS_RATIO_MIN, VESPO_LAMBDA_MIN, VESPO_LN_W_MAX, PolicyLossConfig, PolicyLossOutput
-from .inputs import LossInputs, check_ids, check_logits_inputs
+from .inputs import LossInputs, check_ids, check_logits_inputs, pad_tokens
 
 
 def token_logps_and_entropy(
@@ -65,7 +66,7 @@ def loss_from_logps(
     per_token_logps: Tensor, entropy: Tensor, completion_mask: Tensor, advantages: Tensor, *,
     old_logps: Tensor | None = None, ref_logps: Tensor | None = None, importance_sampling_ratio: Tensor | None = None,
     sampling_logps: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
-    sequence_scale: Tensor | None = None,
+    sequence_scale: Tensor | None = None, cu_seqlens: Tensor | None = None,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
 ) -> PolicyLossOutput:  # fmt: skip
     """The policy loss from per-token log-probs and entropies (both differentiable): the torch path of
@@ -76,7 +77,7 @@ def loss_from_logps(
         per_token_logps: ``[B, T]`` log-probs of the completion tokens under the policy.
         entropy: ``[B, T]`` the policy's entropy at each token.
         completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
-            num_items_in_batch, sequence_scale: the fields of :class:`~papo_kernels.loss.LossInputs`.
+            num_items_in_batch, sequence_scale, cu_seqlens: the fields of :class:`~papo_kernels.loss.LossInputs`.
         config: the hyper-parameters, :class:`~papo_kernels.PolicyLossConfig`.
 
     Returns:
@@ -96,7 +97,7 @@ def loss_from_logps(
     """
     inputs = LossInputs(
         completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
-        num_items_in_batch, sequence_scale,
+        num_items_in_batch, sequence_scale, cu_seqlens,
     )  # fmt: skip
     return logps_loss(per_token_logps, entropy, inputs, config)
 
@@ -111,6 +112,12 @@ def logps_loss(per_token_logps: Tensor, entropy: Tensor, inputs: LossInputs, con
     )
     inputs.check_tokens("per_token_logps", per_token_logps.shape)
     inputs.check_config(config.beta)
+    if inputs.packed:  # the same sequences padded (see LossInputs); the per-token outputs read back
+        padded, index = inputs.padded()
+        pad = lambda x: pad_tokens(x, index, padded.shape)  # noqa: E731
+        out = logps_loss(pad(per_token_logps), pad(entropy), padded, config)
+        unpad = lambda x: x.reshape(-1)[index].view(inputs.shape)  # noqa: E731
+        return out._replace(per_token_logps=unpad(out.per_token_logps), entropy=unpad(out.entropy))
     completion_mask, advantages = inputs.completion_mask, inputs.advantages
     old_logps, ref_logps, sampling_logps = inputs.old_logps, inputs.ref_logps, inputs.sampling_logps
     importance_sampling_ratio, sequence_scale = inputs.importance_sampling_ratio, inputs.sequence_scale

@@ -1,5 +1,10 @@
 """The plan shared by the logits and fused-linear paths: prepared inputs, the scalar parameters and the O(B*T)
-buffers the kernels read and write (``launch.py`` runs the kernels on it)."""
+buffers the kernels read and write (``launch.py`` runs the kernels on it).
+
+Two views of the same flat tokens. The row kernel's: token ``p`` is row ``p // T`` of a ``[B, T]`` batch (its
+aggregation weight ``w[p // T]``); a packed batch is ``[N, 1]`` there, with the per-sequence values (advantage, IS
+ratio, weight) spread over their tokens. The batch kernels' (:class:`Sequences`): sequence ``b`` is the tokens
+``cu[b]`` to ``cu[b + 1]``."""
 
 from __future__ import annotations
 
@@ -63,8 +68,26 @@ def scalar_tensor(value: float, dtype, device) -> torch.Tensor:
 
 
 @dataclass
+class Sequences:
+    """The batch kernels' view: ``n`` sequences, sequence ``b`` the flat tokens ``cu[b]`` to ``cu[b + 1]``; its
+    advantage and IS ratio at ``b * strides[0] + p * strides[1]`` for token ``p``; ``w`` its aggregation weight."""
+
+    n: int
+    cu: torch.Tensor
+    width: int  # T of the padded batch (packed: of the same sequences padded, at least 1)
+    adv: torch.Tensor
+    adv_strides: tuple[int, int]
+    isr: torch.Tensor | None
+    isr_strides: tuple[int, int]
+    isr_per_seq: bool
+    w: torch.Tensor
+    token_seq: torch.Tensor | None  # packed: each token's sequence (to spread ``w`` over the row kernel's weights)
+
+
+@dataclass
 class Plan:
-    """Everything the kernels need besides the logits, for one ``[B, T]`` batch."""
+    """Everything the kernels need besides the logits, for one batch (``B``, ``T``, ``adv``, ``isr``, ``w``: the row
+    kernel's view; ``seqs``: the batch kernels')."""
 
     cfg: PolicyLossConfig
     B: int
@@ -97,6 +120,7 @@ class Plan:
     out: torch.Tensor
     loss: torch.Tensor
     err: torch.Tensor  # int32 [1]: 1 when an unmasked token's target id lies outside [0, V)
+    seqs: Sequences
 
     @property
     def seq_level(self) -> bool:
@@ -153,34 +177,55 @@ def make_plan(
     logit_scale: float = 1.0, softcap: float | None = None, zeroed: bool = False,
 ) -> Plan:  # fmt: skip
     """Prepared inputs and buffers; ``zeroed`` when the row kernel will not visit every token (compacted rows)."""
-    B, T = inputs.shape
-    N = B * T
+    S = inputs.num_sequences
+    N = inputs.completion_mask.numel()
     mask = inputs.completion_mask.to(device).contiguous()
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    adv = inputs.advantages.to(device)
-    isr = inputs.importance_sampling_ratio
-    if isr is not None:
-        isr = isr.to(device)
     num_items = inputs.num_items_in_batch
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.to(device=device, dtype=acc).reshape(1)
     dense = lambda t: None if t is None else t.to(device).contiguous()  # noqa: E731
+    adv, isr = dense(inputs.advantages), dense(inputs.importance_sampling_ratio)
+    isr_per_seq = isr is not None and tuple(isr.shape) != inputs.shape  # [B, 1] (the same when T = 1)
     # one allocation, every segment 16-element aligned (pointer alignment is part of Triton's specialization key)
-    sizes = [N] * 7 + [N_PART.value * B, B, N_OUT]
+    sizes = [N] * 7 + [N_PART.value * S, S, N_OUT] + ([N] if inputs.packed else [])
     padded = [-(-n // 16) * 16 for n in sizes]
     alloc = torch.zeros if zeroed else torch.empty
     flat = alloc(sum(padded), dtype=acc, device=device)
     views = [v[:n] for v, n in zip(flat.split(padded), sizes, strict=True)]
+    seqs = Sequences(
+        n=S, cu=_offsets(inputs, device), width=max(inputs.max_seqlen, 1), adv=adv,
+        adv_strides=(adv.stride(0), 0) if adv.dim() == 1 else (0, 1), isr=isr,
+        isr_strides=(0, 0) if isr is None else ((isr.stride(0), 0) if isr_per_seq else (0, 1)),
+        isr_per_seq=isr_per_seq, w=views[8], token_seq=inputs.sequence_index.to(device) if inputs.packed else None,
+    )  # fmt: skip
+    B, T, w = (*inputs.shape, views[8])
+    if inputs.packed:  # the row kernel's view: a row per token, the per-sequence values spread over the tokens
+        B, T, w = N, 1, views[10]
+        adv = adv[seqs.token_seq] if adv.dim() == 1 else adv.view(N)
+        isr = None if isr is None else (isr[seqs.token_seq, 0] if isr_per_seq else isr.view(N))
     return Plan(
         cfg=cfg, B=B, T=T, acc=acc, ids=completion_ids.to(device).contiguous(), mask=mask, adv=adv,
-        adv_strides=(adv.stride(0), adv.stride(1) if adv.dim() == 2 else 0), old=dense(inputs.old_logps),
-        ref=dense(inputs.ref_logps), isr=isr,
-        isr_strides=(0, 0) if isr is None else (isr.stride(0), isr.stride(1) if isr.shape[1] > 1 else 0),
-        samp=dense(inputs.sampling_logps), seq_scale=dense(inputs.sequence_scale), num_items=num_items,
+        adv_strides=_row_strides(adv), old=dense(inputs.old_logps), ref=dense(inputs.ref_logps), isr=isr,
+        isr_strides=(0, 0) if isr is None else _row_strides(isr), samp=dense(inputs.sampling_logps),
+        seq_scale=dense(inputs.sequence_scale), num_items=num_items,
         params=params_tensor(cfg, acc, device, logit_scale, softcap), softcap=softcap is not None, logp=views[0],
         ent=views[1], rmax=views[2], log2s=views[3], dlogp=views[4], ptl=views[5], kl=views[6],
-        flags=alloc(N, dtype=torch.int32, device=device), part=views[7].view(B, N_PART.value), w=views[8],
-        out=views[9], loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
+        flags=alloc(N, dtype=torch.int32, device=device), part=views[7].view(S, N_PART.value), w=w,
+        out=views[9], loss=alloc((), dtype=acc, device=device), seqs=seqs,  # loss not a view: scaled in place
         err=torch.zeros(1, dtype=torch.int32, device=device),
     )  # fmt: skip
+
+
+def _row_strides(t: torch.Tensor) -> tuple[int, int]:
+    """Strides of a per-sequence (``[B]``, ``[B, 1]``) or per-token (``[B, T]``) input in the row kernel's view."""
+    return t.stride(0), t.stride(1) if t.dim() == 2 and t.shape[1] > 1 else 0
+
+
+def _offsets(inputs: LossInputs, device) -> torch.Tensor:
+    """The sequences' flat token offsets: ``cu_seqlens`` packed, ``b * T`` padded (cached)."""
+    if inputs.packed:
+        return inputs.cu_seqlens.to(device)
+    B, T = inputs.shape
+    return cached_tensor(("offsets", B, T, str(device)), lambda: torch.arange(B + 1, device=device) * T)
