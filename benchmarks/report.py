@@ -43,9 +43,11 @@ LOGITS_ALL = [*LOGITS[:3], ("fused_inplace", "liger", "Liger in place (ours in p
 LINEAR = [("fused", "trl_chunked", "TRL's chunked path + eager loss"),
           ("fused_no_entropy", "liger", "Liger's fused linear GRPO loss, both without the entropy bonus"),
           ("fused_no_entropy", "cce", "Cut Cross-Entropy log-probs + eager loss, both without the bonus")]  # fmt: skip
-STEP = [("papo_packed", "trl_default", "TRL's default GRPOTrainer path (ours: packed)"),
-        ("papo_padded", "trl_default", "TRL's default GRPOTrainer path (ours: padded)"),
-        ("papo_fused", "trl_default", "TRL's default GRPOTrainer path (ours: padded, runs before padding_free)")]
+STEP = [
+    ("papo_packed", "trl_default", "TRL's default GRPOTrainer path (ours: packed)"),
+    ("papo_padded", "trl_default", "TRL's default GRPOTrainer path (ours: padded)"),
+    ("papo_fused", "trl_default", "TRL's default GRPOTrainer path (ours: padded, runs before padding_free)"),
+]
 # (benchmark, config, label, pairs)
 HEADLINES = [
     ("policy_loss", dict(V=151936, tokens=16384, pad=0.25), "loss from logits, V=151,936, 16k tok, 25% pad",
