@@ -163,8 +163,9 @@ def test_kernels_compile_for_sm90(tmp_path):
     for r in splits:
         assert r["registers"] <= split.REGISTER_BUDGET, r
         per_sm = split.programs_per_sm(r["registers"], r["num_warps"], r["shared"])
-        assert per_sm >= 4, r
+        assert per_sm * r["num_warps"] >= 16, r  # 16 warps an SM, the occupancy the budget is for
         K = r["constexprs"]["K"]
         groups = split.split_groups(16384, K, SM90_SMS * per_sm)
         assert groups >= 1 and groups * K <= SM90_SMS * per_sm, r
-        assert r["vector_loads"] > 0 and r["vector_stores"] > 0, r
+        if r["constexprs"]["V"] >= split.SLICE:  # full slices: 16-byte loads and stores
+            assert r["vector_loads"] > 0 and r["vector_stores"] > 0, r

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss, policy_loss
 from papo_kernels.loss import launch, naive_policy_loss, split
-from tests.kernels._policy_loss_cases import configs, input_options, kwargs_of, make_case
+from tests.kernels._policy_loss_cases import configs, input_options, kwargs_of, make_case, pack_case
 from tests.kernels.test_policy_loss import assert_outputs_close, run
 
 B, T, V = 3, 5, 37
@@ -53,6 +53,21 @@ def test_split_matches_reference_fp64(cfg, opts, seed, slice_):
     assert launches == [B * T]
     ref, g_ref = run(naive_policy_loss, case, cfg)
     assert_outputs_close(ours, ref, g_ours, g_ref, rtol=1e-10, atol=1e-12)
+
+
+@given(cfg=configs(T=T), opts=input_options(), seed=st.integers(0, 2**16), slice_=st.sampled_from([16, 64]))
+def test_split_packed_sequences_fp64(cfg, opts, seed, slice_):
+    """Packed sequences (``cu_seqlens``: one row of tokens, empty sequences included): the padded reference."""
+    cfg = single_phase(cfg)
+    case = make_case(seed, B, T, V, cfg=cfg, **opts)
+    lens = torch.tensor([T, 0, 2])
+    packed, keep = pack_case(case, lens)
+    with split_kernel(slice_) as launches:
+        ours, g_ours = run(policy_loss, packed, cfg)
+    assert launches == [int(lens.sum())]
+    ref, g_ref = run(naive_policy_loss, case, cfg)
+    ref = ref._replace(per_token_logps=ref.per_token_logps[keep][None], entropy=ref.entropy[keep][None])
+    assert_outputs_close(ours, ref, g_ours[0], g_ref[keep], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("reread", [False, True])

@@ -43,10 +43,12 @@ from .plan import Plan
 from .rows import _cap, _grad_block, _row
 from .terms import F_HIGH, F_LOW, LOSS_IDS, O_ENT_W, P_K2, P_KN, _load_inputs, _policy_terms
 
-SLICE, SLICE_WARPS = 2048, 4  # logits a program holds (16 a thread) and its warps: K = 75 at V = 151,936
+SLICE, SLICE_WARPS = 2048, 4  # logits a program holds and its warps (16-bit logits: 16 a thread, K = 75 at
+# V = 151,936); wider logits take proportionally more warps, so a thread holds as many bytes of its slice
 REGISTER_BUDGET = 128
-"""Registers a thread the occupancy assumes: at most this many leave an SM room for 4 programs of 4 warps (the sm_90
-compile test checks every variant; 16 logits a thread compile to 91-106 on sm_90, 32 a thread to 185-216)."""
+"""Registers a thread the occupancy assumes: at most this many leave an SM room for 16 warps (4 programs of 4 warps for
+16-bit logits; the sm_90 compile test checks every variant: 16 logits a thread compile to 91-106 registers, 32 a
+thread to 185-216)."""
 N_STATS = tl.constexpr(3)  # a slot entry: m, s, a
 # the row kernel's constants, bound here (Triton's interpreter reads a kernel's constexpr globals from its own module)
 LN2, NEG, FLOOR = tl.constexpr(rows.LN2.value), tl.constexpr(rows.NEG.value), tl.constexpr(rows.FLOOR.value)
@@ -337,7 +339,7 @@ def split_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: in
         sdb=sdb, sdt=sdt, LOSS=LOSS_IDS[c.loss_type], BIAS_KL=c.use_bias_correction_kl, HAS_DELTA=c.delta is not None,
         HAS_SOFTCAP=plan.softcap, ENT_GRAD=c.entropy_coef != 0.0,
         ALIGNED=not (sxb % 16 or sxt % 16 or sdb % 16 or sdt % 16), WALK=walk, REREAD=reread, SLICE=SLICE,
-        BLOCK_K=triton.next_power_of_2(K), num_warps=SLICE_WARPS,
+        BLOCK_K=triton.next_power_of_2(K), num_warps=SLICE_WARPS * max(1, x.element_size() // 2),
     )  # fmt: skip
     slots = torch.empty(min(n_rows, 3) * 2 * K * 3, dtype=plan.acc, device=x.device)
     if not x.is_cuda:  # the interpreter: a few groups, each walking its rows' slices (or one slice a row: K programs)
