@@ -8,11 +8,15 @@ Methods:
   fused_validated  the same with validate=True: the value-error flag read at once (one host sync)
   torch_reference  papo_kernels.advantages.naive (the specification), with the public functions' defaults
   trl_eager        TRL 1.16's sum_then_normalize (GRPO) / normalize_then_sum (GDPO), as written in GRPOTrainer
-  verl_loop        verl's per-group Python loop (which PAPO's official code builds on), N = 1,024 only
+  official_loop    PAPO as its official code computes it (verl's per-prompt Python loop, twice: a transcription,
+                   see official_papo_loop), N = 1,024 only
+Like for like: our GRPO call against TRL's GRPO formula, our PAPO call against the official loop.
 
-Parity: each result against the torch reference on fp64 copies of the inputs (norm-relative; parity_ok under
-1e-5). Floor: reading the inputs and writing every output once at the measured copy rate; at these sizes a
-call is bound by launches and host syncs, which the kernels/copies/syncs columns and wall_ms show.
+Each row records, besides the GPU time (which, for a call this small, is mostly the host's launch time while the
+GPU waits), kernel_ms: the device time of the call's own kernels (profiler; 10 calls, 2 of the loop), beside the
+wall time per call. Parity: each result against the torch reference on fp64 copies of the inputs (norm-relative;
+parity_ok under 1e-5). Floor: reading the inputs and writing every output once at the measured copy rate; at these
+sizes a call is bound by launches and host syncs, which the kernels/copies/syncs columns and wall_ms show.
 
     python benchmarks/bench_advantages.py            # the sweep (GPU)
     python benchmarks/bench_advantages.py --quick    # tiny shapes, any device (CI smoke test)
@@ -21,10 +25,11 @@ call is bound by launches and host syncs, which the kernels/copies/syncs columns
 from __future__ import annotations
 
 import inspect
+from collections import defaultdict
 from functools import partial
 
 import torch
-from harness import Results, arg_parser, bytes_floor_ms, floors, on_cuda, rel_err, tensor_bytes, wanted
+from harness import Results, arg_parser, floors, on_cuda, rel_err, tensor_bytes, wanted
 from peers import trl_normalize_then_sum, trl_sum_then_normalize
 
 from papo_kernels import gdpo_advantages, grpo_advantages, papo_advantages
@@ -34,7 +39,9 @@ from papo_kernels.advantages.naive import naive_gdpo_advantages, naive_grpo_adva
 SWEEP = [(N, G) for N in (1024, 65536, 262144) for G in (8, 16)]
 QUICK = [(64, 8)]
 TOL = 1e-5
-VERL_MAX_N = 1024
+# a row's timing (at least 10 samples, up to 20 ms for fast calls) and profiled calls (2 for the slow loop)
+BUDGET_MS, KERNEL_SAMPLES, LOOP_KERNEL_SAMPLES = 20.0, 10, 2
+LOOP_MAX_N = 1024
 # the references, called as the public functions are called by default
 PAPO_DEFAULTS = dict(lambda_process=1.0, eps=PAPO_EPS, scale_by_std=True, process_norm="correct")
 reference_papo = partial(naive_papo_advantages, **PAPO_DEFAULTS)
@@ -42,24 +49,34 @@ reference_grpo = partial(naive_grpo_advantages, weights=None, scale="group", eps
 reference_gdpo = partial(naive_gdpo_advantages, weights=None, eps=GRPO_EPS)
 
 
-def verl_loop(outcome: torch.Tensor, process: torch.Tensor, correct: torch.Tensor, G: int, eps: float = 1e-6):
-    """verl-style PAPO: Python dicts keyed by prompt, one small torch op per group."""
-    scores_out, scores_proc = {}, {}
-    for i in range(outcome.shape[0]):
-        scores_out.setdefault(i // G, []).append(outcome[i])
-        if correct[i]:
-            scores_proc.setdefault(i // G, []).append(process[i])
-    stats_out = {g: (torch.stack(v).mean(), torch.stack(v).std()) for g, v in scores_out.items()}
-    stats_proc = {g: (torch.stack(v).mean(), torch.stack(v).std()) for g, v in scores_proc.items() if len(v) > 1}
-    adv = torch.empty_like(outcome)
-    for i in range(outcome.shape[0]):
-        m, s = stats_out[i // G]
-        a = (outcome[i] - m) / (s + eps) if s > eps else outcome[i] * 0
-        if correct[i] and i // G in stats_proc:
-            pm, ps = stats_proc[i // G]
-            a = a + ((process[i] - pm) / (ps + eps) if ps > eps else 0)
-        adv[i] = a
-    return adv
+def official_papo_loop(outcome, process, correct, G: int, lambda_process: float = 1.0, eps: float = PAPO_EPS):
+    """PAPO's advantages as its official code computes them. A transcription from the method's description (the
+    official repository builds on verl; DESIGN.md's semantics), not a copy of that code: verl's per-prompt loop
+    (``compute_grpo_outcome_advantage``: scores gathered in a dict by prompt index, a mean and std per prompt, then
+    one scalar update per response), run over every response's outcome score (``A_out``) and over the correct
+    responses' process scores (``A_proc``); a prompt with fewer than two scores or ``std <= eps`` gets 0, and
+    ``A_total = A_out + lambda_process * A_proc``."""
+    index = [i // G for i in range(outcome.shape[0])]
+
+    def normalized(scores, members):
+        id2score = defaultdict(list)
+        for i in members:
+            id2score[index[i]].append(scores[i])
+        id2stats = {}
+        for idx, group in id2score.items():
+            if len(group) > 1:
+                stacked = torch.stack(group)
+                mean, std = torch.mean(stacked), torch.std(stacked)
+                id2stats[idx] = (mean, std) if std > eps else None
+        adv = torch.zeros_like(scores)
+        for i in members:
+            if id2stats.get(index[i]) is not None:
+                mean, std = id2stats[index[i]]
+                adv[i] = (scores[i] - mean) / (std + eps)
+        return adv
+
+    everyone = range(outcome.shape[0])
+    return normalized(outcome, everyone) + lambda_process * normalized(process, [i for i in everyone if correct[i]])
 
 
 def make_inputs(N: int, G: int, device: str):
@@ -85,8 +102,8 @@ def cases(o, p, c, r, G: int) -> dict:
         papo["fused_validated"] = lambda: papo_advantages(o, p, c, G, **nv)
         grpo["fused_validated"] = lambda: grpo_advantages(r, G, **nv)
         gdpo["fused_validated"] = lambda: gdpo_advantages(r, G, **nv)
-    if o.shape[0] <= VERL_MAX_N:
-        papo["verl_loop"] = lambda: verl_loop(o, p, c, G)
+    if o.shape[0] <= LOOP_MAX_N:
+        papo["official_loop"] = lambda: official_papo_loop(o, p, c, G)
     d = lambda t: t.double()  # noqa: E731
     return {
         "papo": ((o, p, c), reference_papo(d(o), d(p), c, G).total, papo),
@@ -119,8 +136,9 @@ def main() -> None:
                     return {"rel_err": err, "parity_ok": err <= TOL}
 
                 key = dict(estimator=estimator, method=name, N=N, G=G)
-                results.run(key, lambda fn=fn: fn, quick=args.quick, check=check, rep=20,
-                            floor_ms=bytes_floor_ms(moved, fl), limit_s=60)  # fmt: skip
+                results.run(key, lambda fn=fn: fn, check=check, work=dict(nbytes=moved), budget_ms=BUDGET_MS,
+                            kernel_samples=LOOP_KERNEL_SAMPLES if name == "official_loop" else KERNEL_SAMPLES,
+                            limit_s=60)  # fmt: skip
     print(f"wrote {results.path}")
 
 

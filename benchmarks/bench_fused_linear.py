@@ -1,23 +1,32 @@
 """Policy loss from hidden states and the LM head: forward + backward (grads for hidden and head), bf16.
 
-Loss: DAPO with a k3 KL term (beta 0.04) and an entropy bonus (entropy_coef 0.01), on-policy, full-length
-sequences of 1,024 tokens. Sweep (fits the GPU check's budget on one H100): the Qwen2.5-7B head (D 3,584,
-V 152,064) and the Qwen2.5-0.5B head (D 896, V 151,936) x 4k and 16k tokens.
+Loss: DAPO with a k3 KL term (beta 0.04) and an entropy bonus (entropy_coef 0.01), full-length sequences of 1,024
+tokens; reference and old log-probs drawn near the policy's own (reference.py). Sweep (fits the GPU check's budget
+on one H100): the Qwen2.5-7B head (D 3,584, V 152,064) and the Qwen2.5-0.5B head (D 896, V 151,936) x 4k and 16k
+tokens.
 
 Methods:
-  fused        papo_kernels.fused_linear_policy_loss (token chunks, gradients in the forward, 3 GEMMs a chunk)
-  fused_overlap  the same with the row kernel on a second stream (papo_kernels.loss.chunked.OVERLAP_ROWS)
-  trl_chunked  TRL 1.16's chunked path: ChunkedLogProbFunction on the unmasked tokens (logits recomputed in the
-               backward) + the eager loss (papo_kernels.loss.loss_from_logps, tested equal to TRL's _compute_loss)
-  liger        Liger-Kernel's LigerFusedLinearGRPOLoss (torch.compile'd chunks; no entropy term: compared with the
-               loss without the bonus; skipped with a note when liger_kernel is not installed)
-  eager        full bf16 logits h @ W^T, TRL's torch log-probs/entropy and the eager loss (where it fits)
+  fused             papo_kernels.fused_linear_policy_loss (token chunks, gradients in the forward, 3 GEMMs a chunk)
+  fused_overlap     the same with the row kernel on a second stream (papo_kernels.loss.chunked.OVERLAP_ROWS)
+  fused_no_entropy  fused with the entropy bonus off: the semantics of Liger and CCE, the like-for-like row
+  trl_chunked       TRL 1.16's chunked path: ChunkedLogProbFunction on the unmasked tokens (logits recomputed in
+                    the backward) + the eager loss (papo_kernels.loss.loss_from_logps, tested equal to TRL's
+                    _compute_loss)
+  liger             Liger-Kernel's LigerFusedLinearGRPOLoss (torch.compile'd chunks, torch._dynamo reset before
+                    each shape; no entropy term: compared with the loss without the bonus)
+  cce               Apple's Cut Cross-Entropy: per-token log-probs from h and W, its backward weighted per token by
+                    the eager loss without the bonus (policy gradient and KL; no entropy); CUDA only
+  eager             full bf16 logits h @ W^T, TRL's torch log-probs/entropy and the eager loss (where it fits)
+Peers that are not installed are skipped with a note.
 
 Parity: loss, d_hidden and d_weight against the exact loss of the same bf16 inputs (fp32 GEMMs without TF32,
 token chunks; benchmarks/reference.py). Tolerance for parity_ok: 5e-3 on the loss, 2e-2 on each gradient
-(what rounding the logits to bf16 costs).
-Floor: the 6 N D V flops of three GEMMs (logits, d_hidden, d_weight) at the measured bf16 matmul rate.
-A peer that recompiles under torch.compile gets status "recompiles"; one that raises gets "crashed: ...".
+(what rounding the logits to bf16 costs). fused_linear_terms.json (parity only, Qwen2.5-0.5B head, 4k tokens)
+repeats the check where each term is all there is (Liger left out: a compilation per case), within 5e-2 and
+1e-1: alone, the small KL term feels the bf16 rounding of the logits; a dropped term is off by 1.
+Floor: the 6 N D V flops of three GEMMs (logits, d_hidden, d_weight) at the best bf16 matmul rate that cuBLAS
+reached on these GEMMs (floors.py); the datasheet rate gives fraction_of_peak. A peer that recompiles under
+torch.compile gets status "recompiles"; one that raises gets "crashed: ..."; first_call_s shows compilation.
 
 --profile records the kernel timeline of one warm call of ours per config (torch.profiler, chrome trace): the time
 in the three GEMMs, the row kernel, the other kernels and the gaps between them, and each launch with the reason it
@@ -36,6 +45,7 @@ import json
 import math
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -54,6 +64,8 @@ from harness import (
     write_result,
 )
 from peers import (
+    cce_available,
+    cce_token_logps,
     liger_available,
     liger_fused_linear_grpo_loss,
     print_skipped_peers,
@@ -61,7 +73,7 @@ from peers import (
     trl_chunked_logps_entropy,
     trl_eager_logps_entropy,
 )
-from reference import linear_reference, without_entropy_bonus
+from reference import LossInputs, linear_reference, near_policy, term_rows, without_entropy_bonus
 
 from papo_kernels import PolicyLossConfig, fused_linear_policy_loss
 from papo_kernels.loss import chunked, loss_from_logps
@@ -70,11 +82,22 @@ CFG = PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01)
 HEADS = {"qwen2.5-7b": (3584, 152064), "qwen2.5-0.5b": (896, 151936)}
 SWEEP = (4096, 16384)
 QUICK_HEADS, QUICK = {"tiny": (32, 512)}, (32,)
+TERMS_HEAD, TERMS_TOKENS, SEQ, QUICK_SEQ = "qwen2.5-0.5b", 4096, 1024, 16
+TERM_METHODS = ("fused", "trl_chunked", "cce")
 TOL_LOSS, TOL_GRAD = 5e-3, 2e-2  # bf16-rounded logits are within them
+# alone, the KL term's gradient beta (1 - exp(ref - logp)) is about beta * NEAR a token, and rounding the logits to
+# bf16 moves logp by ~0.01: a few percent of it (a dropped term is off by 1)
+TERMS_TOL_LOSS, TERMS_TOL_GRAD = 5e-2, 1e-1
 METHOD_LIMIT_S = 60
 
 
-def make_inputs(tokens: int, D: int, V: int, device: str, seq: int):
+@dataclass
+class Inputs(LossInputs):
+    h: torch.Tensor  # hidden states [B, T, D], bf16, a leaf
+    w: torch.Tensor  # the head [V, D], bf16, a leaf
+
+
+def make_inputs(tokens: int, D: int, V: int, device: str, seq: int) -> Inputs:
     T = min(seq, tokens)
     B = tokens // T
     g = torch.Generator(device=device).manual_seed(tokens + D)
@@ -83,15 +106,18 @@ def make_inputs(tokens: int, D: int, V: int, device: str, seq: int):
     ids = torch.randint(0, V, (B, T), device=device, generator=g)
     mask = torch.ones(B, T, device=device, dtype=torch.int64)
     adv = torch.randn(B, device=device, generator=g)
-    ref = -torch.rand(B, T, device=device, generator=g) * 5
-    return h, w, ids, mask, adv, ref
+    flat = h.detach().view(-1, D)
+    ref, old = near_policy(lambda rows: flat[rows] @ w.detach().t(), ids, CFG.temperature, g)
+    return Inputs(ids=ids, mask=mask, adv=adv, ref=ref, old=old, h=h, w=w)
 
 
-def methods(h, w, ids, mask, adv, ref, with_eager: bool) -> dict:
+def methods(inp: Inputs, config: PolicyLossConfig, with_eager: bool) -> dict:
     """name -> (factory of a fwd+bwd callable returning (loss, d_hidden, d_weight), semantics, note)."""
+    h, w, ids, mask, adv = inp.h, inp.w, inp.ids, inp.mask, inp.adv
+    no_entropy = without_entropy_bonus(config)
 
-    def eager_loss(logps, entropy):
-        return loss_from_logps(logps, entropy, mask, adv, ref_logps=ref, config=CFG).loss
+    def eager_loss(cfg: PolicyLossConfig):
+        return lambda logps, entropy: loss_from_logps(logps, entropy, mask, adv, **inp.loss_kwargs(), config=cfg).loss
 
     def with_grads(loss_fn):
         def run():
@@ -101,31 +127,38 @@ def methods(h, w, ids, mask, adv, ref, with_eager: bool) -> dict:
         return run
 
     def liger():
-        loss = liger_fused_linear_grpo_loss(CFG)
-        return with_grads(lambda: loss(h, w, ids, mask, adv, ref))
+        loss = liger_fused_linear_grpo_loss(config)
+        return with_grads(lambda: loss(h, w, ids, mask, adv, inp.ref, inp.old))
 
-    table = {name: (partial(ours, h, w, ids, mask, adv, ref, overlap), CFG, None) for name, overlap in OURS.items()}
+    table = {name: (partial(ours, inp, config, overlap), config, None) for name, overlap in OURS.items()}
+    table["fused_no_entropy"] = (partial(ours, inp, no_entropy, False), no_entropy, "no entropy bonus: as Liger, CCE")
     if trl_available():
-        table["trl_chunked"] = (lambda: with_grads(lambda: eager_loss(*trl_chunked_logps_entropy(h, w, ids, mask))),
-                                CFG, None)  # fmt: skip
+        table["trl_chunked"] = (lambda: with_grads(lambda: eager_loss(config)(*trl_chunked_logps_entropy(h, w, ids,
+                                                                                                        mask))),
+                                config, None)  # fmt: skip
     if on_cuda() and liger_available():
-        table["liger"] = (liger, without_entropy_bonus(CFG), "no entropy term (bonus and metric)")
+        table["liger"] = (liger, no_entropy, "no entropy term (bonus and metric); torch._dynamo reset first")
+    if on_cuda() and cce_available():
+        table["cce"] = (lambda: with_grads(lambda: eager_loss(no_entropy)(*cce_token_logps(h, w, ids, mask))),
+                        no_entropy, "log-probs and their weighted gradient; no entropy")  # fmt: skip
     if with_eager:
-        table["eager"] = (lambda: with_grads(lambda: eager_loss(*trl_eager_logps_entropy(h @ w.t(), ids))), CFG, None)
+        table["eager"] = (lambda: with_grads(lambda: eager_loss(config)(*trl_eager_logps_entropy(h @ w.t(), ids))),
+                          config, None)  # fmt: skip
     return table
 
 
 OURS = {"fused": False, "fused_overlap": True}
 
 
-def ours(h, w, ids, mask, adv, ref, overlap: bool):
+def ours(inp: Inputs, config: PolicyLossConfig, overlap: bool):
     """Our fwd+bwd callable, returning (loss, d_hidden, d_weight); ``overlap`` runs the row kernel on a second
     stream (set for the call only)."""
+    h, w = inp.h, inp.w
 
     def run():
         old, chunked.OVERLAP_ROWS = chunked.OVERLAP_ROWS, overlap
         try:
-            loss = fused_linear_policy_loss(h, w, ids, mask, adv, ref_logps=ref, config=CFG).loss
+            loss = fused_linear_policy_loss(h, w, inp.ids, inp.mask, inp.adv, **inp.loss_kwargs(), config=config).loss
             return (loss, *torch.autograd.grad(loss, (h, w)))
         finally:
             chunked.OVERLAP_ROWS = old
@@ -133,17 +166,18 @@ def ours(h, w, ids, mask, adv, ref, overlap: bool):
     return run
 
 
-def parity_check(h, w, ids, mask, adv, ref):
+def parity_check(inp: Inputs, tol_loss: float = TOL_LOSS, tol_grad: float = TOL_GRAD):
     """``check(output, semantics)``: a method's deviation from the exact loss and gradients (computed once each)."""
     exact = {}
 
     def check(out, semantics) -> dict:
         if semantics not in exact:
-            exact[semantics] = linear_reference(h, w, ids, mask, adv, semantics, ref_logps=ref)
+            exact[semantics] = linear_reference(inp.h, inp.w, inp.ids, inp.mask, inp.adv, semantics,
+                                                **inp.loss_kwargs())  # fmt: skip
         names = ("loss", "grad_hidden", "grad_weight")
         errs = {f"rel_err_{k}": rel_err(a, b) for k, a, b in zip(names, out, exact[semantics], strict=True)}
         grad = max(errs["rel_err_grad_hidden"], errs["rel_err_grad_weight"])
-        return {**errs, "parity_ok": errs["rel_err_loss"] <= TOL_LOSS and grad <= TOL_GRAD}
+        return {**errs, "parity_ok": errs["rel_err_loss"] <= tol_loss and grad <= tol_grad}
 
     return check
 
@@ -266,9 +300,9 @@ def profile_calls(quick: bool) -> None:
     rows = []
     for head, (D, V) in heads.items():
         for tokens in sweep:
-            h, w, ids, mask, adv, ref = make_inputs(tokens, D, V, device, 16 if quick else 1024)
+            inp = make_inputs(tokens, D, V, device, QUICK_SEQ if quick else SEQ)
             for name, overlap in OURS.items():
-                fn = ours(h, w, ids, mask, adv, ref, overlap)
+                fn = ours(inp, CFG, overlap)
                 fn()  # compiles
                 row = dict(method=name, head=head, D=D, V=V, tokens=tokens, **timeline(trace_of(fn), D, V))
                 row["chunks"] = [c1 - c0 for c0, c1 in chunked.chunk_spans(tokens, chunked.chunk_limit(
@@ -280,7 +314,7 @@ def profile_calls(quick: bool) -> None:
                 (results_dir() / "fused_linear_profile.md").write_text(profile_markdown(rows))
                 print(f"{name} {head} {tokens}: {row['launches']} launches, window {row['window_us']:.0f} us, "
                       f"gaps {row['gap_us']:.0f} us, matmuls {row['matmul_us']:.0f} us", flush=True)  # fmt: skip
-            del h, w
+            del inp
             free_memory()
     print(f"wrote {path}")
 
@@ -405,27 +439,37 @@ def main() -> None:
     device = "cuda" if on_cuda() else "cpu"
     print_skipped_peers()
     if not on_cuda():
-        print("note: the Liger peer runs on CUDA only (torch.compile)")
+        print("note: the Liger and Cut Cross-Entropy peers run on CUDA only (torch.compile; Triton kernels with "
+              "optional pointers, which the interpreter does not take)")  # fmt: skip
     fl = floors(args.quick)
-    results = Results("fused_linear", resume=args.resume, config=CFG.__dict__, floors=fl,
-                      tolerance={"loss": TOL_LOSS, "grad": TOL_GRAD})  # fmt: skip
+    tolerance = {"loss": TOL_LOSS, "grad": TOL_GRAD}
+    results = Results("fused_linear", resume=args.resume, config=CFG.__dict__, floors=fl, tolerance=tolerance)
     heads, sweep = (QUICK_HEADS, QUICK) if args.quick else (HEADS, SWEEP)
+    seq = QUICK_SEQ if args.quick else SEQ
     for head, (D, V) in heads.items():
         for tokens in sweep:
-            h, w, ids, mask, adv, ref = make_inputs(tokens, D, V, device, 16 if args.quick else 1024)
+            inp = make_inputs(tokens, D, V, device, seq)
             eager_bytes = tokens * V * 2 * 6  # bf16 logits, their log-softmax, probabilities and gradients
             fits = not on_cuda() or eager_bytes < torch.cuda.mem_get_info()[0] // 2
-            checker = parity_check(h, w, ids, mask, adv, ref)
-            for name, (make, semantics, note) in methods(h, w, ids, mask, adv, ref, fits).items():
+            checker = parity_check(inp)
+            for name, (make, semantics, note) in methods(inp, CFG, fits).items():
                 if not wanted(args, name):
                     continue
                 key = dict(method=name, head=head, D=D, V=V, tokens=tokens, dtype="bf16")
-                floor = flops_floor_ms(6 * tokens * D * V, fl)
-                results.run(key, make, quick=args.quick, check=partial(checker, semantics=semantics),
-                            floor_ms=floor, limit_s=METHOD_LIMIT_S, note=note)  # fmt: skip
-            del h, w, checker
+                results.run(key, make, check=partial(checker, semantics=semantics), work=dict(flops=6 * tokens * D * V),
+                            limit_s=METHOD_LIMIT_S, note=note)  # fmt: skip
+            del inp, checker
             free_memory()
     print(f"wrote {results.path}")
+    head, tokens = (next(iter(QUICK_HEADS)), QUICK[0]) if args.quick else (TERMS_HEAD, TERMS_TOKENS)
+    D, V = {**HEADS, **QUICK_HEADS}[head]
+    terms = Results("fused_linear_terms", resume=args.resume, config=CFG.__dict__,
+                    tolerance={"loss": TERMS_TOL_LOSS, "grad": TERMS_TOL_GRAD})  # fmt: skip
+    check = partial(parity_check, tol_loss=TERMS_TOL_LOSS, tol_grad=TERMS_TOL_GRAD)
+    term_rows(terms, make_inputs(tokens, D, V, device, seq), CFG, partial(methods, with_eager=False), check,
+              tuple(m for m in TERM_METHODS if wanted(args, m)), dict(head=head, D=D, V=V, tokens=tokens, dtype="bf16"),
+              METHOD_LIMIT_S)  # fmt: skip
+    print(f"wrote {terms.path}")
 
 
 if __name__ == "__main__":

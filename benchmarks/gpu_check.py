@@ -12,20 +12,36 @@ and what is left of --budget (480 s) after the report's; the optional end-to-end
   install        60 s  pip install --no-index --no-deps .whl/*.whl into build/gpu-site (benchmarks/fetch_wheels.sh
                        fills .whl/); if datasets then fails to import, benchmarks/stub/ stands in for it
   env            30 s  device, driver and library versions (benchmarks/harness.py) -> results/<device>/env.json
-  floors         45 s  device-to-device copy rate, bf16 matmul rate (benchmarks/floors.py)
-  tests         150 s  pytest tests/kernels -n 8 on CUDA (skipped without CUDA: CI runs them in the interpreter)
-  advantages     60 s  bench_advantages.py
-  policy_loss   120 s  bench_policy_loss.py
-  fused_linear  120 s  bench_fused_linear.py
+  floors         45 s  device-to-device copy rate, best bf16 matmul rate on the benchmarks' GEMMs (floors.py)
+  tests         150 s  pytest tests/kernels -n 8 on CUDA (skipped without CUDA: CI runs them in the interpreter);
+                       the ids of failed tests go to gpu_check.json and the report
+  advantages     75 s  bench_advantages.py
+  policy_loss   120 s  bench_policy_loss.py (and its parity-only term cases)
+  fused_linear  180 s  bench_fused_linear.py (and its parity-only term cases)
   fused_linear_profile
                  60 s  bench_fused_linear.py --profile: the kernel timeline of one fused-linear call per config
-  trainer_step  100 s  bench_trainer_step.py (optional)
+  trainer_step  150 s  bench_trainer_step.py (optional), with 5 profiled steps a row
   report         40 s  report.py -> results/REPORT.md and plots (results/cpu/REPORT.md on a CPU)
 
-On one H100 the sweeps are sized so that the whole run fits in 8 minutes. Results go to
-benchmarks/results/<device>/ (cleared at the start; logs/ holds each stage's output), the stage summary to
-results/<device>/gpu_check.json; with --out DIR (default $OUT when set) everything is also packed into
-DIR/gpu_check.tar.gz.
+The limits add up to more than the budget on purpose: each is a stop for a hang, and the budget decides. What the
+sampling costs, from the H200 run at e548a06: a row is timed until it has 10 samples, or 1 s of samples where 10
+would take longer (3 at least; fast calls get more, up to 100 ms), once for GPU time and once for wall time, plus
+about 4 more calls (estimate, warm-up, profile, peak memory): about 24 x its time up to 100 ms, 2-3 s above.
+  policy loss   40 rows of 1-13 ms (0.3-0.6 s each), 8 of TRL's eager path at 22-127 ms (0.5-3 s): about 40 s,
+                with the exact references and the term cases about 60 s
+  fused linear  24 rows of 7-138 ms (0.3-3 s each): about 35 s; Liger's 4 shapes, each compiled afresh after
+                the torch._dynamo reset (about 10-20 s a compilation) and timed at 100-400 ms (3 s): 50-90 s; the
+                exact references and the term cases about 15 s: 100-140 s
+  advantages    74 rows of 10 us-1.5 ms (20 ms of timing, 10 profiled calls: about 0.3 s each), the official
+                loop's 2 rows of about 120 ms (3 s each): about 35 s
+  trainer step  4 rows of 70-180 ms (2 s of timing, 5 profiled steps, a model built: about 12 s each): 50 s
+With install, env, floors and tests as measured (80 s) and the report, about 360-420 s of the 480 s. The optional
+end-to-end stage runs last and only with a minute to spare; a stage cut short keeps the rows it wrote.
+
+On one H200 the whole run took 258 s at e548a06 (one timed sample for rows over 75 ms). Results go to
+benchmarks/results/<device>/ (cleared at the start; logs/ holds each stage's output), the stage summary and the
+failed tests' ids to results/<device>/gpu_check.json; with --out DIR (default $OUT when set) everything is also
+packed into DIR/gpu_check.tar.gz.
 """
 
 from __future__ import annotations
@@ -77,11 +93,11 @@ def stages(quick: bool) -> list[Stage]:
         Stage("env", 30, [py, str(HERE / "harness.py")]),
         Stage("floors", 45, [py, str(HERE / "floors.py"), *q]),
         Stage("tests", 150, tests, cuda_only=True),
-        bench("advantages", 60),
+        bench("advantages", 75),
         bench("policy_loss", 120),
-        bench("fused_linear", 120),
+        bench("fused_linear", 180),
         Stage("fused_linear_profile", 60, [py, str(HERE / "bench_fused_linear.py"), "--profile", *q]),
-        bench("trainer_step", 100, optional=True),
+        bench("trainer_step", 150, optional=True),
     ]
 
 
@@ -269,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     report_cmd += ["--device", *devices] if devices else []
     runner.run(Stage("report", REPORT_RESERVE, report_cmd), reserve=0)
     summary = {"env": info, "quick": args.quick, "budget_s": args.budget, "total_s": round(time.monotonic() - start, 1),
-               "stages": entries + runner.summary, "tests": tests_summary(scratch / "tests.log")}  # fmt: skip
+               "stages": entries + runner.summary, "tests": tests_summary(scratch / "tests.log"),
+               "failed_tests": failed_tests(scratch / "tests.log")}  # fmt: skip
     shutil.rmtree(device_dir / "logs", ignore_errors=True)
     shutil.move(str(scratch), device_dir / "logs")
     (device_dir / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -278,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{e['stage']:14s} {str(e.get('status', 'ok'))[:24]:24s} {e.get('seconds', 0):8.1f} "
               f"{e.get('cpu_s', 0):8.1f}")  # fmt: skip
     print(f"total {summary['total_s']} s of a {args.budget:.0f} s budget; tests: {summary['tests']}")
+    for line in summary["failed_tests"] or []:
+        print(f"  {line[:200]}")
     if report.exists():
         print(f"report: {report}")
     if (device_dir / "HEADLINE.md").exists():
@@ -294,6 +313,14 @@ def tests_summary(log: Path) -> str | None:
         return None
     lines = re.findall(r"^=*\s*(\d+ (?:passed|failed|error).*?)\s*=*$", log.read_text(), flags=re.M)
     return lines[-1] if lines else "no summary line (see logs/tests.log)"
+
+
+def failed_tests(log: Path) -> list[str] | None:
+    """The ids of the failed and erroring tests in pytest's short summary (``-rfE``), with the first line of each
+    error: ``FAILED tests/...::test_x[case] - AssertionError: ...``."""
+    if not log.exists():
+        return None
+    return re.findall(r"^((?:FAILED|ERROR) \S+.*)$", log.read_text(), flags=re.M)
 
 
 if __name__ == "__main__":

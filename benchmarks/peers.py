@@ -8,8 +8,14 @@
   (``ChunkedLogProbFunction`` on the unmasked tokens, as ``add_fused_lm_head`` calls it).
 * ``liger_grpo_loss`` / ``liger_fused_linear_grpo_loss``: Liger-Kernel's loss from logits and from hidden states,
   keyword arguments filtered by the installed version's signature. Neither has an entropy term.
+* ``cce_token_logps``: Apple's Cut Cross-Entropy (``cut-cross-entropy``), per-token log-probs from hidden states
+  and the head, whose backward takes a weight per token: every term of the loss that is a function of the log-probs
+  (policy gradient and KL), not the entropy.
 
-TRL and Liger are imported on first use: this module imports with torch alone.
+Quack (``quack-kernels``) is not a peer: its CuTe DSL runtime (``nvidia-cutlass-dsl-libs-*``, about 92 MB a wheel)
+does not fit the 64 MiB of wheels that travel to a GPU machine without network (benchmarks/fetch_wheels.sh).
+
+TRL, Liger and CCE are imported on first use: this module imports with torch alone.
 """
 
 from __future__ import annotations
@@ -97,8 +103,24 @@ def trl_chunked_logps_entropy(hidden, weight, ids, mask) -> tuple[torch.Tensor, 
 TRL_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16
 
 
+def cce_token_logps(hidden, weight, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logp[B, T] = -linear_cross_entropy(h, W, ids, reduction="none")`` (0 at masked tokens; CCE's default
+    gradient filter) and zeros for the entropy, which CCE does not compute."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    logps = -linear_cross_entropy(hidden, weight, ids.masked_fill(mask == 0, CCE_IGNORE), reduction="none")
+    return logps, torch.zeros_like(logps)
+
+
+CCE_IGNORE = -100  # cut_cross_entropy.constants.IGNORE_INDEX
+
+
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
+
+
+def cce_available() -> bool:
+    return importlib.util.find_spec("cut_cross_entropy") is not None
 
 
 def trl_available() -> bool:
@@ -114,6 +136,9 @@ def print_skipped_peers(triton_peers: bool = True) -> None:
         print("note: trl is not installed: TRL's kernel and chunked-head peers are skipped (pip install -e '.[trl]')")
     if not liger_available():
         print("note: liger_kernel is not installed: the Liger peer is skipped (pip install liger-kernel)")
+    if not cce_available():
+        print("note: cut_cross_entropy is not installed: the Cut Cross-Entropy peer is skipped (pip install "
+              "cut-cross-entropy)")  # fmt: skip
 
 
 def _accepted(fn, **kwargs) -> dict:
@@ -129,14 +154,14 @@ def _liger_options(config) -> dict:
 
 
 def liger_grpo_loss(config):
-    """``loss(full_logits[B, T + 1, V], ids, mask, advantages, ref_logps)`` through Liger's ``triton_grpo_loss``
-    (its backward writes the gradient into ``full_logits``)."""
+    """``loss(full_logits[B, T + 1, V], ids, mask, advantages, ref_logps, old_logps)`` through Liger's
+    ``triton_grpo_loss`` (its backward writes the gradient into ``full_logits``)."""
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
     kw = _accepted(triton_grpo_loss, inplace=True, reduce=True, **_liger_options(config))
 
-    def loss(full, ids, mask, adv, ref):
-        out = triton_grpo_loss(full, None, ref, ids, adv, mask, **kw)
+    def loss(full, ids, mask, adv, ref, old):
+        out = triton_grpo_loss(full, old, ref, ids, adv, mask, **kw)
         value = out[0] if isinstance(out, tuple) else out
         return value if value.dim() == 0 else (value * mask).sum() / mask.sum().clamp(min=1)  # older: per token
 
@@ -144,10 +169,14 @@ def liger_grpo_loss(config):
 
 
 def liger_fused_linear_grpo_loss(config):
-    """``loss(hidden, weight, ids, mask, advantages, ref_logps)`` through Liger's ``LigerFusedLinearGRPOLoss``
-    (``torch.compile``d chunks, its default)."""
+    """``loss(hidden, weight, ids, mask, advantages, ref_logps, old_logps)`` through Liger's
+    ``LigerFusedLinearGRPOLoss`` (``torch.compile``d chunks, its default). ``torch._dynamo`` is reset first: every
+    shape starts from no compiled state, as in a fresh process."""
+    import torch._dynamo
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
+    torch._dynamo.reset()
     module = LigerFusedLinearGRPOLoss(**_accepted(LigerFusedLinearGRPOLoss, use_ref_model=True,
                                                   **_liger_options(config)))  # fmt: skip
-    return lambda h, w, ids, mask, adv, ref: module(h, w, ids, mask, adv, ref_per_token_logps=ref)[0]
+    return lambda h, w, ids, mask, adv, ref, old: module(h, w, ids, mask, adv, ref_per_token_logps=ref,
+                                                         old_per_token_logps=old)[0]  # fmt: skip

@@ -9,12 +9,19 @@ coefficients ``a_t = dL/dlogp_t`` and ``b_t = dL/dH_t`` (autograd through the O(
 so no more than one chunk of rows is ever upcast: fp64 for logits (``LogitsReference``), fp32 GEMMs without TF32
 for hidden states and a head (``linear_reference``). A method's deviation is ``||x - x_ref|| / ||x_ref||`` for the
 loss and each gradient (``harness.rel_err``).
+
+A parity check only sees a term whose gradient is a visible part of the whole. The benchmarks' reference and old
+log-probs are therefore drawn near the policy's own (``near_policy``: ``logp + NEAR * N(0, 1)``, so the k3 KL
+term and the clipping are of the size they have in training), and ``term_cases`` adds cases where one term is
+all there is: the policy gradient alone, the KL term alone (advantages 0), the entropy bonus alone (advantages 0).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -22,6 +29,7 @@ from papo_kernels import PolicyLossConfig
 from papo_kernels.loss import loss_from_logps
 
 CHUNK_ROWS = 1024
+NEAR = 0.1  # std of the reference and old log-probs around the policy's own: k3 KL ~ NEAR**2 / 2, some tokens clipped
 
 
 def _softmax_stats(z: torch.Tensor, ids: torch.Tensor):
@@ -152,3 +160,67 @@ def linear_reference(hidden, weight, completion_ids, completion_mask, advantages
 def without_entropy_bonus(config: PolicyLossConfig) -> PolicyLossConfig:
     """The semantics of a peer that has no entropy term (Liger): the same loss with ``entropy_coef = 0``."""
     return replace(config, entropy_coef=0.0)
+
+
+def token_logps(logits_of: Callable[[slice], torch.Tensor], ids: torch.Tensor, n: int, temperature: float,
+                chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:  # fmt: skip
+    """Flat fp32 log-probs of ``ids[n]`` under the logits that ``logits_of(rows)`` gives for a chunk of rows."""
+    out = torch.empty(n, dtype=torch.float32, device=ids.device)
+    for s in range(0, n, chunk_rows):
+        rows = slice(s, min(s + chunk_rows, n))
+        out[rows] = _softmax_stats(logits_of(rows).float() / temperature, ids[rows])[2]
+    return out
+
+
+def near_policy(logits_of: Callable[[slice], torch.Tensor], ids: torch.Tensor, temperature: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Reference and old log-probs ``[B, T]`` near the policy's own (``NEAR`` apart, independently)."""
+    flat = ids.reshape(-1)
+    logps = token_logps(logits_of, flat, flat.numel(), temperature).view(ids.shape)
+    return tuple(logps + NEAR * torch.randn(ids.shape, device=ids.device, generator=generator) for _ in range(2))
+
+
+@dataclass
+class LossInputs:
+    """A benchmark's loss inputs besides the logits (or hidden states and head)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    adv: torch.Tensor
+    ref: torch.Tensor  # reference log-probs near the policy's own
+    old: torch.Tensor  # old log-probs near the policy's own
+
+    def loss_kwargs(self) -> dict:
+        return dict(old_logps=self.old, ref_logps=self.ref)
+
+
+TERMS = ("policy_gradient", "kl", "entropy_bonus")
+
+
+def term_cases(config: PolicyLossConfig) -> dict[str, tuple[PolicyLossConfig, float]]:
+    """case -> (config, scale of the advantages): ``mixed`` (``config`` itself) and each term of it alone."""
+    return {
+        "mixed": (config, 1.0),
+        "policy_gradient_only": (replace(config, beta=0.0, entropy_coef=0.0), 1.0),
+        "kl_only": (replace(config, entropy_coef=0.0), 0.0),
+        "entropy_bonus_only": (replace(config, beta=0.0), 0.0),
+    }
+
+
+def has_terms(config: PolicyLossConfig, advantage_scale: float) -> bool:
+    """Whether a case leaves any term to check (a method without the entropy bonus has none in its own case)."""
+    return advantage_scale != 0 or config.beta != 0 or config.entropy_coef != 0
+
+
+def term_rows(results, inputs, config: PolicyLossConfig, methods_of: Callable, check_of: Callable,
+              allowed: tuple[str, ...], key: dict, limit_s: float | None = None) -> None:  # fmt: skip
+    """Parity rows (``results.run(..., timed=False)``) of the ``allowed`` methods in every case of ``term_cases``:
+    ``methods_of(inputs, config)`` gives ``{name: (make, semantics, note)}`` and ``check_of(inputs)`` the check
+    ``(output, semantics) -> fields``, both for the case's inputs (advantages scaled) and config."""
+    for case, (case_config, scale) in term_cases(config).items():
+        case_inputs = replace(inputs, adv=inputs.adv * scale)
+        check = check_of(case_inputs)
+        for name, (make, semantics, note) in methods_of(case_inputs, case_config).items():
+            if name in allowed and has_terms(semantics, scale):
+                results.run({"case": case, "method": name, **key}, make, check=partial(check, semantics=semantics),
+                            limit_s=limit_s, timed=False, note=note)  # fmt: skip

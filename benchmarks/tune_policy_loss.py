@@ -3,8 +3,10 @@
 For each configuration of ``bench_policy_loss.py`` (DAPO + k3 KL + entropy bonus, bf16), times forward + backward
 of ``policy_loss`` (out of place and in place) under each candidate ``(block, warps, programs)`` and Liger's
 ``triton_grpo_loss`` as the reference, and prints the fraction of the two-pass floor (one read and one write of the
-live rows at the measured copy rate). Programs: ``l2`` is the library's rule (rows in flight within a share of the L2
-so the second read of a row hits it), ``smK`` K programs per SM, ``rows`` one program per row.
+live rows and the zeros of the padded rows, at the measured copy rate). A tuning aid, outside the GPU check: one
+do_bench median a row, no parity; the README quotes none of its figures. Programs: ``l2`` is the library's rule
+(rows in flight within a share of the L2 so the second read of a row hits it), ``smK`` K programs per SM, ``rows``
+one program per row.
 
     python benchmarks/tune_policy_loss.py [--out results.json] [--V 151936 32000]
 """
@@ -21,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from benchmarks.bench_policy_loss import CFG, make_inputs  # noqa: E402
+from benchmarks.bench_policy_loss import CFG, make_inputs, padded_floor_bytes  # noqa: E402
 from benchmarks.peers import liger_available, liger_grpo_loss  # noqa: E402
 from benchmarks.reference import without_entropy_bonus  # noqa: E402
 from papo_kernels import policy_loss  # noqa: E402
@@ -56,18 +58,18 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60)
 
 
-def time_ours(leaf, inplace: bool, ids, mask, adv, ref) -> float:
+def time_ours(leaf, inplace: bool, inp) -> float:
     def run():
-        out = policy_loss(leaf, ids, mask, adv, ref_logps=ref, config=CFG, inplace_grad=inplace)
+        out = policy_loss(leaf, inp.ids, inp.mask, inp.adv, **inp.loss_kwargs(), config=CFG, inplace_grad=inplace)
         return torch.autograd.grad(out.loss, leaf)
 
     return bench(run)
 
 
-def time_liger(x, ids, mask, adv, ref) -> float:
-    full = torch.cat([x.detach(), x.detach()[:, -1:]], 1).requires_grad_()  # Liger drops the last position
+def time_liger(inp) -> float:
+    full = torch.cat([inp.x.detach(), inp.x.detach()[:, -1:]], 1).requires_grad_()  # Liger drops the last position
     loss = liger_grpo_loss(without_entropy_bonus(CFG))
-    return bench(lambda: torch.autograd.grad(loss(full, ids, mask, adv, ref), full))
+    return bench(lambda: torch.autograd.grad(loss(full, inp.ids, inp.mask, inp.adv, inp.ref, inp.old), full))
 
 
 def copy_rate() -> float:
@@ -86,17 +88,17 @@ def main() -> None:
     rows = []
     for V in args.V:
         for pad in (0.0, 0.25):
-            x, ids, mask, adv, ref = make_inputs(V, args.tokens, pad, "cuda", 1024)
-            floor_ms = (int(mask.sum()) * V * 2 + x.numel() * 2) / rate * 1e3
-            y = x.detach().clone().requires_grad_()
-            liger_ms = time_liger(x, ids, mask, adv, ref) if liger_available() else None
+            inp = make_inputs(V, args.tokens, pad, "cuda", 1024)
+            x, y = inp.x, inp.x.detach().clone().requires_grad_()
+            floor_ms = padded_floor_bytes(inp) / rate * 1e3
+            liger_ms = time_liger(inp) if liger_available() else None
             rows.append(dict(V=V, pad=pad, method="liger", ms=liger_ms, floor_ms=floor_ms))
             print(f"V={V} pad={pad} liger {liger_ms} ms, two-pass floor {floor_ms:.3f} ms", flush=True)
             for block, warps, policy in CANDIDATES:
                 use(block, warps, policy)
                 for name, leaf, inplace in (("fused", x, False), ("fused_inplace", y, True)):
                     try:
-                        ms, status = time_ours(leaf, inplace, ids, mask, adv, ref), "ok"
+                        ms, status = time_ours(leaf, inplace, inp), "ok"
                     except Exception as e:  # a candidate that does not compile or fit is a row, not a stop
                         ms, status = float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
                     vs = liger_ms / ms if liger_ms else float("nan")
@@ -104,7 +106,7 @@ def main() -> None:
                                floor_ms=floor_ms, fraction=floor_ms / ms, vs_liger=vs, status=status)  # fmt: skip
                     rows.append(row)
                     print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            del x, y
+            del inp, x, y
             torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))

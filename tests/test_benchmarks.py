@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,29 +31,45 @@ def _env(tmp_path: Path) -> dict:
             "PAPO_BENCH_RESULTS": str(tmp_path / "results"), "PAPO_WHEELS": str(tmp_path / "no-wheels")}  # fmt: skip
 
 
+SPREAD = {f"{m}{s}" for m in ("gpu_ms", "wall_ms") for s in ("", "_min", "_max")} | {"gpu_samples", "wall_samples"}
+FIELDS = SPREAD | {"kernels", "syncs", "peak_mib", "floor_ms", "fraction_of_floor", "first_call_s"}
+
+
 def test_gpu_check_quick_path(tmp_path):
-    """Every stage of the one command on CPU: rows with every field, parity recorded, a report with plots."""
+    """Every stage of the one command on CPU: rows with samples and spreads, parity recorded (the term cases too),
+    the training step's time split, a report with plots."""
     out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--out", str(tmp_path / "out")],
-                         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
+                         cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
     cpu = tmp_path / "results" / "cpu"
     summary = json.loads((cpu / "gpu_check.json").read_text())
     status = {s["stage"]: s["status"] for s in summary["stages"]}
     assert status == {"install": "ok", "env": "ok", "floors": "ok", "tests": "skipped: no CUDA", "report": "ok",
                       "fused_linear_profile": "ok", **dict.fromkeys(BENCHMARKS, "ok")}  # fmt: skip
+    assert summary["tests"] is None and summary["failed_tests"] is None
     for name in BENCHMARKS:
         rows = json.loads((cpu / f"{name}.json").read_text())["rows"]
         assert rows and all(r["status"] == "ok" for r in rows), rows
         for r in rows:
-            assert {"gpu_ms", "wall_ms", "kernels", "syncs", "peak_mib", "floor_ms", "fraction_of_floor"} <= r.keys()
-            assert r["gpu_ms"] > 0 and r["fraction_of_floor"] > 0
-        ours = [r for r in rows if r["method"] in ("fused", "papo_fused")]
+            assert FIELDS <= r.keys()
+            assert r["gpu_samples"] >= harness.FEWEST_SAMPLES and r["gpu_ms_min"] <= r["gpu_ms"] <= r["gpu_ms_max"]
+            assert r["gpu_ms_min"] > 0 and r["fraction_of_floor"] > 0
+        ours = [r for r in rows if r["method"] in ("fused", "papo_packed")]
         assert ours and all(r.get("parity_ok", True) for r in ours), ours
     policy = json.loads((cpu / "policy_loss.json").read_text())["rows"]
-    assert {r["method"] for r in policy} >= {"fused", "fused_inplace", "trl_kernel", "trl_eager"}
+    assert {r["method"] for r in policy} >= {"fused", "fused_inplace", "fused_inplace_no_entropy", "trl_kernel",
+                                             "trl_eager"}  # fmt: skip
     assert all(r["live_tokens"] < r["tokens"] and r["rel_err_grad"] < 1e-2 for r in policy if "fused" in r["method"])
+    for name in ("policy_loss_terms", "fused_linear_terms"):
+        terms = json.loads((cpu / f"{name}.json").read_text())["rows"]
+        assert {r["case"] for r in terms} == {"mixed", "policy_gradient_only", "kl_only", "entropy_bonus_only"}
+        assert all(r["parity_ok"] for r in terms if r["method"] == "fused"), terms
     trainer = json.loads((cpu / "trainer_step.json").read_text())["rows"]
-    assert [r["rel_err_grad"] for r in trainer if r["method"] == "papo_fused"][0] < 1e-4
+    assert {r["method"] for r in trainer} == {"trl_default", "papo_padded", "papo_packed"}
+    assert all(r["rel_err_grad"] < 1e-4 and r["pad"] > 0 for r in trainer if r["method"] != "trl_default")
+    for r in trainer:
+        assert r["profile_samples"] == 5 and all(r[f"{c}_ms"] > 0 for c in ("attention", "mlp", "lm_head_loss",
+                                                                             "optimizer")), r  # fmt: skip
     assert "Liger peer is skipped" in (cpu / "logs" / "policy_loss.log").read_text()
     text = (cpu / "REPORT.md").read_text()
     assert all(f"### {name}" in text for name in BENCHMARKS) and "plots/" in text
@@ -130,22 +147,64 @@ def results_root(tmp_path, monkeypatch):
 
 
 def test_rows_record_failures_and_resume(results_root):
-    results = harness.Results("demo")
-    ok = results.run({"method": "ok"}, lambda: lambda: torch.ones(3).sum(), quick=True, floor_ms=1.0)
-    assert ok["status"] == "ok" and ok["fraction_of_floor"] == 1.0 / ok["gpu_ms"]
+    fl = {"copy_gbs": 1.0, "matmul_tflops": 1.0, "peak": {"hbm_tbs": 2e-3, "bf16_tflops": 1.0}}
+    results = harness.Results("demo", floors=fl)
+    ok = results.run({"method": "ok"}, lambda: lambda: torch.ones(3).sum(), work=dict(nbytes=1e6))
+    assert ok["status"] == "ok" and ok["floor_ms"] == pytest.approx(1.0) and ok["peak_ms"] == pytest.approx(0.5)
+    assert ok["fraction_of_floor"] == 1.0 / ok["gpu_ms"] and ok["fraction_of_peak"] == 0.5 / ok["gpu_ms"]
+    assert ok["gpu_samples"] >= harness.MIN_SAMPLES and ok["gpu_ms_min"] <= ok["gpu_ms"] <= ok["gpu_ms_max"]
 
     def boom():
         raise RuntimeError("peer exploded\nsecond line")
 
-    assert results.run({"method": "bad"}, lambda: boom, quick=True)["status"] == "crashed: RuntimeError: peer exploded"
-    slow = results.run({"method": "slow"}, lambda: lambda: time.sleep(5), quick=True, limit_s=0.5)
+    assert results.run({"method": "bad"}, lambda: boom)["status"] == "crashed: RuntimeError: peer exploded"
+    slow = results.run({"method": "slow"}, lambda: lambda: time.sleep(5), limit_s=0.5)
     assert slow["status"].startswith("timeout")
+    parity = results.run({"method": "parity"}, lambda: lambda: 1, check=lambda out: {"parity_ok": out == 1},
+                         timed=False)  # fmt: skip
+    assert parity["parity_ok"] and "gpu_ms" not in parity and parity["status"] == "ok"
     results.rows.append({"method": "hung", "status": "running"})  # a process that died in the middle of a row
     results.save()
     again = harness.Results("demo", resume=True)
-    assert [r["status"].split(":")[0] for r in again.rows] == ["ok", "crashed", "timeout", "crashed"]
-    assert again.run({"method": "ok"}, lambda: pytest.fail("measured twice"), quick=True) is None
+    assert [r["status"].split(":")[0] for r in again.rows] == ["ok", "crashed", "timeout", "ok", "crashed"]
+    assert again.run({"method": "ok"}, lambda: pytest.fail("measured twice")) is None
     assert harness.Results("demo").rows == []  # without --resume a run starts afresh
+
+
+def test_sample_count_gives_ten_samples_or_a_second():
+    """At least 10 samples, or at least 1 s of them where 10 would take longer (never fewer than 3); fast calls get
+    more, up to the budget."""
+    assert harness.sample_count(50.0) == 10 and harness.sample_count(100.0) == 10
+    assert harness.sample_count(150.0) == 7 and harness.sample_count(2000.0) == 3
+    assert harness.sample_count(1.0) == 100 and harness.sample_count(1e-4) == harness.MAX_SAMPLES
+    for est in (0.01, 3.0, 99.0, 101.0, 333.0, 600.0):
+        n = harness.sample_count(est)
+        assert n >= 10 or (n * est >= harness.MIN_TIMING_MS and n >= 3), (est, n)
+    assert harness.spread("gpu_ms", [3.0, 1.0, 2.0]) == {"gpu_ms": 2.0, "gpu_ms_min": 1.0, "gpu_ms_max": 3.0,
+                                                          "gpu_samples": 3}  # fmt: skip
+
+
+def test_split_calls_by_profiler_window():
+    """Each profiled call's device activities are those that start inside its window."""
+    windows = [(0.0, 10.0), (12.0, 20.0)]
+    events = [("k1", 1.0, 3.0), ("k2", 4.0, 9.0), ("Memcpy DtoH", 13.0, 14.0), ("late", 30.0, 31.0)]
+    assert harness.split_calls(windows, events) == [events[:2], events[2:3]]
+    ranges = [harness.CALL, "Optimizer.step#AdamW.step"]
+    event = lambda name, annotation=False: SimpleNamespace(name=name, is_user_annotation=annotation)  # noqa: E731
+    assert [harness.device_annotation(event(n)) for n in ranges] == [True, True]
+    assert not harness.device_annotation(event("void cutlass::Kernel<sm90_gemm>(Params)"))
+    assert harness.device_annotation(event("anything", annotation=True))
+
+
+def test_failed_test_ids_from_pytest_summary(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text("...F.E\n=== short test summary info ===\nFAILED tests/kernels/test_a.py::test_x[3] - Assertion"
+                   "Error: 1 != 2\nERROR tests/kernels/test_b.py::test_y - RuntimeError: CUDA\n"
+                   "=== 1 failed, 4 passed, 1 error in 2.00s ===\n")  # fmt: skip
+    assert gpu_check.failed_tests(log) == ["FAILED tests/kernels/test_a.py::test_x[3] - AssertionError: 1 != 2",
+                                           "ERROR tests/kernels/test_b.py::test_y - RuntimeError: CUDA"]  # fmt: skip
+    assert gpu_check.tests_summary(log) == "1 failed, 4 passed, 1 error in 2.00s"
+    assert gpu_check.failed_tests(tmp_path / "none.log") is None
 
 
 def test_device_slug():
@@ -184,29 +243,66 @@ def test_datasets_stand_in_where_datasets_does_not_import(tmp_path, monkeypatch)
     assert out.stdout.strip() == "0.0.0+stand-in"
 
 
-def _row(method, ms, **kw):
-    return {"method": method, "V": 151936, "tokens": 16384, "pad": 0.25, "status": "ok", "gpu_ms": ms,
-            "wall_ms": ms, "fraction_of_floor": 0.8, "parity_ok": True, **kw}  # fmt: skip
+def _row(method, ms, spread=0.1, **kw):
+    timing = {} if ms is None else {"gpu_ms": ms, "gpu_ms_min": ms - spread, "gpu_ms_max": ms + spread,
+                                    "gpu_samples": 10, "wall_ms": ms, "wall_ms_min": ms, "wall_ms_max": ms,
+                                    "wall_samples": 10}  # fmt: skip
+    return {"method": method, "V": 151936, "tokens": 16384, "pad": 0.25, "status": "ok", **timing,
+            "fraction_of_floor": 0.8, "fraction_of_peak": 0.7, "parity_ok": True, **kw}  # fmt: skip
 
 
 def test_report_headline_and_readme(tmp_path, monkeypatch):
+    """The headline pairs ours with each peer: times as median [min-max] (n), the ratio from the medians with the
+    range the spreads allow, where a peer is faster, and the CUDA suite's result with the failed tests' ids."""
     folder = tmp_path / "h100-80gb-hbm3"
     folder.mkdir()
-    rows = [_row("fused", 4.0), _row("liger", 3.5, parity_ok=False), _row("trl_kernel", 6.0),
+    rows = [_row("fused", 4.0), _row("fused_inplace_no_entropy", 3.0), _row("liger", 2.5, parity_ok=False),
+            _row("trl_kernel", 6.0, spread=1.0),
             {**_row("trl_eager", None), "status": "crashed: IndexError: list index out of range"}]  # fmt: skip
-    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "time": "2026-12-01T10:00:00"}
+    env = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "time": "2026-12-01T10:00:00", "commit": "abc1234"}
     (folder / "policy_loss.json").write_text(json.dumps({"benchmark": "policy_loss", "env": env, "rows": rows}))
     (folder / "env.json").write_text(json.dumps(env))
+    check = {"total_s": 400, "budget_s": 480, "stages": [], "tests": "1 failed, 9 passed",
+             "failed_tests": ["FAILED tests/kernels/test_a.py::test_x - AssertionError"]}  # fmt: skip
+    (folder / "gpu_check.json").write_text(json.dumps(check))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- performance:start -->\nold table\n<!-- performance:end -->\nrest\n")
     monkeypatch.setattr(report, "README", readme)
     report.main(["--readme"])
-    line = next(ln for ln in readme.read_text().splitlines() if ln.startswith("| loss from logits, V=151,936, 16k"))
-    assert line.split(" | ")[1:] == ["4 ms, 0.80 of floor", "3.5 ms \u2020", "6 ms", "crashed |"]
+    measure = "| loss from logits, V=151,936, 16k"
+    lines = [ln.split(" | ") for ln in readme.read_text().splitlines() if ln.startswith(measure)]
+    by_peer = {cells[2]: cells[3:] for cells in lines}
+    liger = by_peer["Liger, both in place without the entropy bonus \u2020"]
+    assert liger[:3] == ["3 ms [2.9 ms-3.1 ms] (n=10)", "2.5 ms [2.4 ms-2.6 ms] (n=10)", "0.83 [0.77-0.90]"]
+    assert liger[-1] == "0.80, 0.70 |"
+    assert by_peer["TRL's kernel path + eager loss"][2] == "1.50 [1.22-1.79]"
+    assert by_peer["TRL's eager path"][1:3] == ["crashed", "-"]
     text = readme.read_text()
-    assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n") and "2.11.0" in text
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n") and "abc1234" in text
+    assert "1 failed, 9 passed" in text and "test_a.py::test_x" in text
+    assert "Liger, both in place without the entropy bonus is faster than `fused_inplace_no_entropy`" in text
+    assert "every sample" in text and "TRL's kernel path + eager loss is faster" not in text
     assert "ratio_to_fused" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_report_of_a_run_without_spreads(tmp_path, monkeypatch):
+    """An older run's rows (a median only, one square GEMM for the floors, no failed tests' ids) say so."""
+    folder = tmp_path / "h200"
+    folder.mkdir()
+    rows = [{k: v for k, v in _row(m, ms).items() if not k.endswith(("_min", "_max", "_samples"))}
+            for m, ms in (("fused", 4.0), ("trl_kernel", 5.0))]  # fmt: skip
+    floors = {"copy_gbs": 4000.0, "matmul_tflops": 700.0, "matmul_n": 8192, "matmul_dtype": "bfloat16"}
+    (folder / "policy_loss.json").write_text(json.dumps({"benchmark": "policy_loss", "env": {}, "floors": floors,
+                                                         "rows": rows}))  # fmt: skip
+    (folder / "gpu_check.json").write_text(json.dumps({"total_s": 258, "budget_s": 470, "stages": [],
+                                                       "tests": "38 failed, 270 passed, 5 skipped"}))  # fmt: skip
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    report.main(["--out", str(tmp_path / "REPORT.md")])
+    text = (folder / "HEADLINE.md").read_text()
+    assert "4 ms (median only)" in text and "1.25 (medians only)" in text
+    assert "38 failed" in text and "ids of the failed tests were not recorded" in text
+    assert "from one square GEMM" in text and "too high" in text
 
 
 def test_judge_benchmark_smoke(tmp_path):
@@ -261,3 +357,39 @@ def test_fused_linear_timeline_roles_and_gaps(monkeypatch):
                                     "fraction_of_floor": 0.6}]).count("| G2 grad_h | 2 | 15 |") == 1  # fmt: skip
     model = bench.model_markdown().splitlines()
     assert len(model) == 2 + 3 * len(bench.HEADS) * len(bench.SWEEP)
+
+
+def test_training_step_time_split(monkeypatch):
+    """The trainer-step profile on a tiny Qwen2 on CPU: a backward op counts where its forward op ran (attention's
+    backward in attention, the MLP's SiLU in mlp), AdamW in optimizer, the loss outside the decoder in
+    lm_head_loss; every category has time and the busy time fits the step's window."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_trainer_step as bench
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    model = bench.build_model(bench.model_config(True), "cpu", torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step.model = model
+    step()
+    with bench.annotated(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function(bench.TAG + "step"):
+            step()
+    events = prof.events()
+    category = bench.categorizer(events)
+    named = {}
+    for e in events:
+        named.setdefault(e.name, set()).add(category(e))
+    assert named["SiluBackward0"] == {"mlp"} and named["aten::silu"] == {"mlp"}
+    assert {c for name, cats in named.items() if "AttentionForCpuBackward" in name for c in cats} == {"attention"}
+    assert named["aten::addcdiv_"] == {"optimizer"} and named["NllLossBackward0"] == {"lm_head_loss"}
+    assert named["EmbeddingBackward0"] == {"other"}
+    split = bench.profile_steps(step, steps=3)
+    assert split["profile_samples"] == 3 and all(split[f"{c}_ms"] > 0 for c in bench.CATEGORIES), split
+    assert 0 < split["busy_ms"] <= split["window_ms"] and split["gaps_ms"] >= 0

@@ -6,7 +6,10 @@ before import, in which case they run the same Triton kernels through Triton's i
 
 from __future__ import annotations
 
+import math
 import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -50,6 +53,37 @@ def require(cond: bool, msg: str, *args) -> None:
     message is only formatted on failure, so a check on a per-call path costs a comparison."""
     if not cond:
         raise ValueError(msg.format(*args) if args else msg)
+
+
+def is_number(value) -> bool:
+    """A finite real number: an ``int`` or ``float``, never a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_finite(name: str, value, low: float | None = None, *, strict: bool = False) -> None:
+    """``value`` a finite number (:func:`is_number`), ``>= low`` (``> low`` when ``strict``) if ``low`` is given; else
+    ``ValueError`` naming ``name``, as in "`beta` must be a finite number >= 0, got -1.0"."""
+    ok = is_number(value) and (low is None or (value > low if strict else value >= low))
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"`{name}` must be a finite number{bound}, got {value!r}")
+
+
+CACHED_TENSORS = 64
+"""How many small constant tensors :func:`cached_tensor` keeps (the most recently used)."""
+_cache: OrderedDict = OrderedDict()
+
+
+def cached_tensor(key: Hashable, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The small constant tensor ``make()`` (kernel parameters, scalars) for ``key``, made once while it is among the
+    :data:`CACHED_TENSORS` most recently used: no host-to-device copy per call. Callers never write to it."""
+    hit = _cache.get(key)
+    if hit is None:
+        hit = _cache[key] = make()
+        if len(_cache) > CACHED_TENSORS:
+            _cache.popitem(last=False)
+    _cache.move_to_end(key)
+    return hit
 
 
 def check_tensor(name: str, t, *, ndim: tuple[int, ...] | int | None = None, floating: bool | None = None) -> None:

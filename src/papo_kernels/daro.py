@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from ._runtime import require
+from ._runtime import is_number, require, require_finite
 from .advantages import pass_rate_buckets
 
 __all__ = ["DAROWeights", "bucket_loss_stats", "bucket_totals", "check_weight_bounds", "sequence_buckets"]
@@ -36,13 +36,9 @@ __all__ = ["DAROWeights", "bucket_loss_stats", "bucket_totals", "check_weight_bo
 def check_weight_bounds(init_weight, max_weight, prefix: str = "") -> None:
     """Raise ``ValueError`` unless ``max_weight >= 1`` is finite and ``init_weight`` lies in ``[1 / max_weight,
     max_weight]``; the message names the arguments with ``prefix`` (``PAPOConfig``'s ``daro_``)."""
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    require_finite(f"{prefix}max_weight", max_weight, 1)
     require(
-        number(max_weight) and math.isfinite(max_weight) and max_weight >= 1,
-        f"`{prefix}max_weight` must be a finite float >= 1, got {max_weight!r}",
-    )
-    require(
-        number(init_weight) and 1 / max_weight <= init_weight <= max_weight,
+        is_number(init_weight) and 1 / max_weight <= init_weight <= max_weight,
         f"`{prefix}init_weight` must lie in [1 / {prefix}max_weight, {prefix}max_weight] = [{1 / max_weight}, "
         f"{max_weight}], got {init_weight!r}",
     )

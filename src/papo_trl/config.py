@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from papo_kernels._runtime import is_number, require_finite
+from papo_kernels.advantages import check_lambda_process
 from papo_kernels.daro import check_weight_bounds
 from papo_kernels.loss import LOSS_TYPES
 
@@ -24,16 +25,12 @@ def unsupported_loss_options(args) -> list[str]:
     return ["loss_type"] if args.loss_type not in LOSS_TYPES else []
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_ranges(args) -> None:
     """Reject the out-of-range numbers that TRL would take silently (or fail on much later)."""
-    for name in ("learning_rate", "lambda_process", "beta", "epsilon"):
-        if not (_finite(getattr(args, name)) and getattr(args, name) >= 0):
-            raise ValueError(f"`{name}` must be a finite number >= 0, got {getattr(args, name)!r}")
-    if args.epsilon_high is not None and not (_finite(args.epsilon_high) and args.epsilon_high >= args.epsilon):
+    for name in ("learning_rate", "beta", "epsilon"):
+        require_finite(name, getattr(args, name), 0)
+    check_lambda_process(args.lambda_process)
+    if args.epsilon_high is not None and not (is_number(args.epsilon_high) and args.epsilon_high >= args.epsilon):
         raise ValueError(f"`epsilon_high` must be >= `epsilon` ({args.epsilon}), got {args.epsilon_high!r}")
 
 
@@ -96,9 +93,17 @@ class PAPOConfig(GRPOConfig):
         use_fused_loss (`bool`, *optional*, defaults to `True`):
             Compute the policy loss inside the model's forward with the fused linear-head kernel of `papo_kernels`
             (no logits materialised, gradients computed in the forward) where its kernels run (CUDA, or CPU with
-            `TRITON_INTERPRET=1`) and the options allow it (`loss_type` other than `"vespo"`, no
-            `top_entropy_quantile`, `off_policy_mask_threshold` or `use_adaptive_entropy`; text batches). Otherwise,
-            and when `False`, TRL's own loss.
+            `TRITON_INTERPRET=1`), for text batches. It covers every option of TRL's loss (every `loss_type`,
+            `vespo` included, `top_entropy_quantile`, `off_policy_mask_threshold`, `use_adaptive_entropy`, ...).
+            Otherwise, and when `False`, TRL's own loss.
+        padding_free (`bool` or `None`, *optional*, defaults to `None`):
+            Pack each micro-batch's sequences (prompt + completion, without padding) into one row, `position_ids`
+            restarting at each sequence, for every forward: the gradient pass and the log-prob passes without
+            gradients (old policy, reference model). No padded token goes through the model or the LM head; the
+            loss is the padded one (every sequence-level quantity included). `None`: on where the model's attention
+            takes packed sequences (`flash_attention_2`/`3`, `flex_attention`, and `sdpa` or `eager` through
+            transformers' packed-sequence masks), for text-only models without recurrent layers; otherwise off.
+            `True` where the model cannot take them is a `ValueError`.
 
         > Parameters that control DAPO dynamic sampling
 
@@ -168,6 +173,11 @@ class PAPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Use the fused linear-head policy loss of papo_kernels where available."},
     )
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "Pack each micro-batch's sequences into one row (no padding); None: where the attention "
+                  "takes packed sequences."},
+    )  # fmt: skip
     dynamic_sampling: bool = field(
         default=False,
         metadata={"help": "DAPO dynamic sampling: drop groups with equal outcome rewards and generate more."},
@@ -189,17 +199,14 @@ class PAPOConfig(GRPOConfig):
                 f"`advantage_estimator` must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; "
                 f"got {self.advantage_estimator!r}"
             )
-        if not _finite(self.lambda_process):
-            raise ValueError(f"`lambda_process` must be a finite float, got {self.lambda_process!r}")
-        if self.advantage_epsilon is not None and not (_finite(self.advantage_epsilon) and self.advantage_epsilon >= 0):
-            raise ValueError(f"`advantage_epsilon` must be a finite float >= 0 or None, got {self.advantage_epsilon!r}")
-        if not _finite(self.correct_threshold):
-            raise ValueError(f"`correct_threshold` must be a finite float, got {self.correct_threshold!r}")
+        if self.advantage_epsilon is not None:
+            require_finite("advantage_epsilon", self.advantage_epsilon, 0)
+        require_finite("correct_threshold", self.correct_threshold)
         index = self.correctness_reward_index
         if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
             raise ValueError(f"`correctness_reward_index` must be an integer >= 0 or None, got {index!r}")
         if self.process_reward_weights is not None and not (
-            isinstance(self.process_reward_weights, (list, tuple)) and all(map(_finite, self.process_reward_weights))
+            isinstance(self.process_reward_weights, (list, tuple)) and all(map(is_number, self.process_reward_weights))
         ):
             raise ValueError(
                 f"`process_reward_weights` must be a list of finite floats or None, got {self.process_reward_weights!r}"
@@ -207,12 +214,13 @@ class PAPOConfig(GRPOConfig):
         mgb = self.max_generation_batches
         if not isinstance(mgb, int) or isinstance(mgb, bool) or mgb < 1:
             raise ValueError(f"`max_generation_batches` must be an integer >= 1, got {mgb!r}")
-        if not (_finite(self.daro_learning_rate) and self.daro_learning_rate > 0):
-            raise ValueError(f"`daro_learning_rate` must be a finite float > 0, got {self.daro_learning_rate!r}")
+        require_finite("daro_learning_rate", self.daro_learning_rate, 0, strict=True)
         check_weight_bounds(self.daro_init_weight, self.daro_max_weight, prefix="daro_")
-        self._check_estimator_options()
+        self._resolve_estimator_options()
 
-    def _check_estimator_options(self) -> None:
+    def _resolve_estimator_options(self) -> None:
+        """Set the options ``advantage_estimator`` fixes (``papo_fullnorm``: a process score for every response;
+        ``dr_grpo``: ``scale_rewards='none'``; ``gdpo``: ``normalize_then_sum``) and check the ones it needs."""
         estimator = self.advantage_estimator
         if estimator in PROCESS_ESTIMATORS and self.scale_rewards != "group":
             raise ValueError(
@@ -244,7 +252,7 @@ def resolve_estimator(estimator: str, has_process: bool) -> str:
 def as_papo_config(args, model, has_process: bool) -> PAPOConfig:
     """The trainer's config: `args` (``None`` -> a default ``PAPOConfig``; a plain ``GRPOConfig`` -> the same
     settings as a ``PAPOConfig``), with ``advantage_estimator="auto"`` resolved in a copy (see
-    :func:`resolve_estimator`) and checked against the other options."""
+    :func:`resolve_estimator`) and the options it fixes set and checked in that copy."""
     if args is None:
         name = model if isinstance(model, str) else model.config._name_or_path or type(model).__name__
         args = PAPOConfig(f"{name.split('/')[-1]}-PAPO")
@@ -262,7 +270,7 @@ def as_papo_config(args, model, has_process: bool) -> PAPOConfig:
     args = copy.copy(args)
     args.advantage_estimator = resolve_estimator(AUTO, has_process)
     try:
-        args._check_estimator_options()
+        args._resolve_estimator_options()
     except ValueError as err:
         raise ValueError(
             f"`advantage_estimator='auto'` resolves to {args.advantage_estimator!r} because `process_reward_funcs` "

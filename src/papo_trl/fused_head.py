@@ -1,13 +1,13 @@
 """The policy loss computed inside a causal LM's forward, from its last hidden states and LM head.
 
 ``add_fused_policy_loss_head(model)`` patches ``model.forward`` the way TRL 1.16's ``add_fused_lm_head`` does:
-``model(input_ids, attention_mask, ..., policy_loss_inputs=PolicyLossInputs(...))`` runs the backbone, takes the
-hidden states that predict the completion tokens and hands them with the LM head to
-``papo_kernels.fused_linear_policy_loss`` (no ``[B, T, V]`` logits, gradients computed in the forward). Without
-``policy_loss_inputs`` the forward is the previous one (generation, TRL's own fused head), so it composes with
-TRL's patch. Running inside the forward is what makes the head's weight usable when it is sharded, and the head is
-gathered once per forward (per micro-batch), never per token chunk nor again in the backward, because the
-gradients are computed in the forward:
+``model(input_ids, attention_mask, ..., policy_loss=HeadLoss(...))`` runs the backbone, takes the hidden states that
+predict the completion tokens and hands them with the LM head to ``papo_kernels.loss.linear_loss`` (no ``[B, T, V]``
+logits, gradients computed in the forward) and returns its ``PolicyLossOutput`` with the MoE load-balancing loss
+(``None`` without one). Without ``policy_loss`` the forward is the previous one (generation, TRL's own fused head),
+so it composes with TRL's patch. Running inside the forward is what makes the head's weight usable when it is
+sharded, and the head is gathered once per forward (per micro-batch), never per token chunk nor again in the
+backward, because the gradients are computed in the forward:
 
 - FSDP2: when the head belongs to the unit that the backbone unshards (accelerate puts it with the final norm), it
   is a plain tensor here and FSDP2 reduce-scatters its gradient; when it is an FSDP unit of its own, it is still a
@@ -26,53 +26,30 @@ from __future__ import annotations
 import functools
 import types
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import transformers
 from packaging.version import Version
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial, Replicate
-from transformers.utils import ModelOutput
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from papo_kernels import PolicyLossConfig, fused_linear_policy_loss
+from papo_kernels.loss import LossInputs, PolicyLossConfig, linear_loss
 
 
 @dataclass
-class PolicyLossInputs:
-    """Everything ``fused_linear_policy_loss`` takes besides the hidden states and the head (``[B, T]`` tensors
-    for the ``T`` completion tokens at the end of ``input_ids``)."""
+class HeadLoss:
+    """What the fused loss takes besides the hidden states and the head: the ``[B, T]`` completion ids at the end of
+    ``input_ids``, the loss inputs, the hyper-parameters and the upstream gradient the loss will get (``1 /``
+    accumulation steps: a free backward). Packed (``inputs.cu_seqlens``): the ``[1, n]`` completion ids and
+    ``predict``, the ``[n]`` flat positions of the packed rows whose hidden states predict them."""
 
     completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    advantages: torch.Tensor
+    inputs: LossInputs
     config: PolicyLossConfig
-    old_logps: torch.Tensor | None = None
-    ref_logps: torch.Tensor | None = None
-    importance_sampling_ratio: torch.Tensor | None = None
-    sampling_logps: torch.Tensor | None = None
-    num_items_in_batch: torch.Tensor | float | None = None
-    sequence_scale: torch.Tensor | None = None
-    grad_scale: float = 1.0  # the upstream gradient the loss will get (1 / accumulation steps): a free backward
-
-    def loss_kwargs(self) -> dict:
-        """The optional inputs of the loss itself (as :func:`~papo_kernels.loss.loss_from_logps` takes them)."""
-        skip = ("completion_ids", "completion_mask", "advantages", "grad_scale")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-
-
-@dataclass
-class FusedPolicyLossOutput(ModelOutput):
-    """``PolicyLossOutput`` as a model output, plus the MoE load-balancing loss (not added to ``loss``)."""
-
-    loss: torch.Tensor | None = None
-    per_token_logps: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    sequence_loss: torch.Tensor | None = None
-    metrics: dict | None = None
-    aux_loss: torch.Tensor | None = None
-    entropy_stats: torch.Tensor | None = None
+    grad_scale: float = 1.0
+    predict: torch.Tensor | None = None
 
 
 def head_transform(text_config) -> tuple[float, float | None]:
@@ -119,8 +96,8 @@ def _router_aux_loss(self, text_config, backbone_outputs, attention_mask):
 def add_fused_policy_loss_head(
     model: transformers.PreTrainedModel, *, chunk_size: int | None = None, cast_lm_head_to_fp32: bool = False
 ) -> None:
-    """Patch ``model.forward`` so that ``model(..., policy_loss_inputs=PolicyLossInputs(...))`` returns a
-    ``FusedPolicyLossOutput`` computed by the fused linear policy loss (see the module docstring).
+    """Patch ``model.forward`` so that ``model(..., policy_loss=HeadLoss(...))`` returns ``(PolicyLossOutput,
+    aux_loss)`` computed by the fused linear policy loss (see the module docstring).
 
     Args:
         model: the causal LM (the base model under PEFT).
@@ -135,17 +112,18 @@ def add_fused_policy_loss_head(
         backbone_attr = "model"
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, policy_loss_inputs: PolicyLossInputs | None = None, **kwargs):
-        if policy_loss_inputs is None:
+    def forward(self, *args, policy_loss: HeadLoss | None = None, **kwargs):
+        if policy_loss is None:
             return previous_forward(*args, **kwargs)
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
         backbone_outputs = getattr(self, backbone_attr)(*args, **kwargs)
-        inp = policy_loss_inputs
-        T = inp.completion_ids.shape[1]
+        T = policy_loss.completion_ids.shape[1]
         lm_head = self.get_output_embeddings()
-        hidden = backbone_outputs.last_hidden_state[:, -T - 1 : -1].to(lm_head.weight.device)
+        hidden, predict = backbone_outputs.last_hidden_state, policy_loss.predict
+        hidden = hidden[:, -T - 1 : -1] if predict is None else hidden.flatten(0, 1)[predict][None]
+        hidden = hidden.to(lm_head.weight.device)
         weight = gather_sharded_head(lm_head.weight, lm_head)  # once per forward, before the token chunks
         bias = gather_sharded_head(lm_head.bias, lm_head)
         autocast = nullcontext()
@@ -153,17 +131,14 @@ def add_fused_policy_loss_head(
             hidden = hidden.float()
             autocast = torch.autocast(hidden.device.type, enabled=False)
         with maybe_gather_lm_head_ctx(weight, bias), autocast:
-            out = fused_linear_policy_loss(
-                hidden, weight, inp.completion_ids, inp.completion_mask, inp.advantages, bias=bias,
+            output = linear_loss(
+                hidden, weight, policy_loss.completion_ids, policy_loss.inputs, policy_loss.config, bias=bias,
                 logit_scale=logit_scale, final_logit_softcapping=softcap, chunk_size=chunk_size,
-                grad_scale=inp.grad_scale, **inp.loss_kwargs(),
+                grad_scale=policy_loss.grad_scale,
             )  # fmt: skip
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = _router_aux_loss(self, text_config, backbone_outputs, kwargs.get("attention_mask"))
-        return FusedPolicyLossOutput(
-            loss=out.loss, per_token_logps=out.per_token_logps, entropy=out.entropy,
-            sequence_loss=out.sequence_loss, metrics=out.metrics, aux_loss=aux_loss, entropy_stats=out.entropy_stats,
-        )  # fmt: skip
+        return output, aux_loss
 
     model.forward = types.MethodType(forward, model)

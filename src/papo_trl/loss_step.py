@@ -8,10 +8,9 @@ import torch
 from trl.extras.profiling import profiling_context
 from trl.trainer.utils import nanmax, nanmin
 
-from papo_kernels.loss import PolicyLossOutput, loss_from_logps
+from papo_kernels.loss import LossInputs, logps_loss
 
-from .entropy_control import loss_config_for_step, update_entropy_control
-from .fused_head import PolicyLossInputs
+from .fused_head import HeadLoss
 
 __all__ = ["MULTIMODAL_KEYS", "PolicyLossStep"]
 
@@ -47,7 +46,7 @@ class PolicyLossStep:
             scale = self._daro.sequence_scale(inputs["daro_bucket"], inputs["daro_bucket_tokens"], factor)
         num_items = inputs["num_items_in_batch"].clamp(min=1.0) / factor
         output, aux_loss = self._policy_loss(model, inputs, mask, scale, num_items, 1.0 / accumulation)
-        update_entropy_control(self, output.entropy_stats, mode)
+        self._entropy_control.update(output.entropy_stats, mode, self.accelerator, self._metrics[mode])
         loss = output.loss / accumulation
         if aux_loss is not None and self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
@@ -65,44 +64,43 @@ class PolicyLossStep:
     def _policy_loss(self, model, inputs, mask, sequence_scale, num_items_in_batch, grad_scale=1.0):
         """The policy loss of a micro-batch as a ``PolicyLossOutput`` (and the MoE aux loss): the fused linear-head
         loss inside the model's forward (no logits materialised, gradients computed in the forward for the upstream
-        gradient ``grad_scale``) when enabled, else TRL's per-token log-probs (its chunked LM head) and
-        ``papo_kernels.loss.loss_from_logps``."""
+        gradient ``grad_scale``; with ``padding_free``, on the packed sequences) when enabled, else TRL's per-token
+        log-probs (its chunked LM head; packed with ``padding_free``) and ``papo_kernels.loss.logps_loss``."""
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         use_is = self.use_vllm and self.vllm_importance_sampling_correction
-        loss_kwargs = dict(
-            old_logps=inputs.get("old_per_token_logps"),
+        loss_inputs = LossInputs(
+            mask, inputs["advantages"], old_logps=inputs.get("old_per_token_logps"),
             ref_logps=inputs.get("ref_per_token_logps"),
             importance_sampling_ratio=inputs.get("importance_sampling_ratio") if use_is else None,
-            sampling_logps=inputs.get("sampling_per_token_logps"),
-            num_items_in_batch=num_items_in_batch,
+            sampling_logps=inputs.get("sampling_per_token_logps"), num_items_in_batch=num_items_in_batch,
             sequence_scale=sequence_scale,
-        )
+        )  # fmt: skip
         multimodal = {key: inputs.get(key) for key in MULTIMODAL_KEYS}
-        config = loss_config_for_step(self, self._loss_config)
+        config = self._entropy_control.loss_config(self._loss_config)
         if self._fused_loss and all(value is None for value in multimodal.values()):
-            loss_inputs = PolicyLossInputs(
-                completion_ids, mask, inputs["advantages"], config, **loss_kwargs, grad_scale=grad_scale
-            )
+            forward = dict(input_ids=input_ids, attention_mask=attention_mask)
+            head_loss = HeadLoss(completion_ids, loss_inputs, config, grad_scale)
+            rows = self._pack(model, input_ids, attention_mask, completion_ids.size(1))
+            if rows is not None:  # packed rows, the completions only in the loss
+                forward = dict(input_ids=rows.input_ids, position_ids=rows.position_ids)
+                head_loss = HeadLoss(rows.completions(completion_ids), rows.loss_inputs(loss_inputs), config,
+                                     grad_scale, rows.predict)  # fmt: skip
             with self.accelerator.autocast():
-                out = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=loss_inputs)
-            output = PolicyLossOutput(
-                out.loss, out.per_token_logps, out.entropy, out.metrics, out.sequence_loss, out.entropy_stats
-            )
-            return output, out.aux_loss
+                return model(**forward, policy_loss=head_loss)
         logps, entropy, aux_loss = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled, **multimodal,
         )  # fmt: skip
-        output = loss_from_logps(logps, entropy, mask, inputs["advantages"], config=config, **loss_kwargs)
-        return output, aux_loss
+        return logps_loss(logps, entropy, loss_inputs, config), aux_loss
 
     def _log_loss_metrics(self, output, inputs, mask, mode: str) -> None:
         """The loss metrics TRL logs, under its names and with its reductions over processes: token-weighted means
         (sequence-weighted for per-sequence values: VESPO's weight, sequence-level clip fractions), ``policy_loss``
-        with an entropy bonus only (``entropy_coef`` is logged by ``update_entropy_control``), and the extreme
+        with an entropy bonus only (``entropy_coef`` is logged by ``EntropyControl.update``), and the extreme
         per-sequence clip fractions."""
+        output.check()  # the kernels' flag for target ids outside the vocabulary (logging synchronises anyway)
         sequence_level = self._loss_config.importance_sampling_level == "sequence"
         count = mask.sum().float()
         for key, value in output.metrics.items():
@@ -113,27 +111,7 @@ class PolicyLossStep:
                 weight = torch.full_like(count, mask.shape[0])
             totals = self.accelerator.reduce(torch.stack([value.float() * weight, weight]), reduction="sum")
             self._metrics[mode][key].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        if "clip_ratio/low_mean" in output.metrics:
-            low, high = self._sequence_clip_fractions(output.per_token_logps, inputs, mask)
+        if output.sequence_clip_ratio is not None:
+            low, high = output.sequence_clip_ratio.unbind(-1)
             self._metrics[mode]["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(low)).item())
             self._metrics[mode]["clip_ratio/high_max"].append(nanmax(self.accelerator.gather(high)).item())
-
-    def _sequence_clip_fractions(self, logps, inputs, mask):
-        """Per sequence, the fraction of tokens whose ratio ``r = exp(logp - old_logp)`` (capped at `delta`) is
-        clipped below (``r < 1 - epsilon_low`` and ``A < 0``) and above (``r > 1 + epsilon_high`` and ``A > 0``); one
-        flag per sequence for sequence-level importance sampling. NaN for an empty sequence."""
-        config = self._loss_config
-        old = inputs.get("old_per_token_logps")
-        log_ratio = torch.zeros_like(logps) if old is None else torch.where(mask.bool(), logps - old, 0.0)
-        if config.importance_sampling_level == "sequence":
-            log_ratio = (log_ratio.sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        ratio = torch.exp(log_ratio)
-        if config.delta is not None:  # TRL flags the ratio after the two-sided cap
-            ratio = ratio.clamp(max=config.delta)
-        advantages = inputs["advantages"]
-        advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
-        low = ((ratio < 1 - config.epsilon_low) & (advantages < 0)).float()
-        high = ((ratio > 1 + config.eps_high) & (advantages > 0)).float()
-        if ratio.shape[1] == 1:
-            return low.squeeze(1), high.squeeze(1)
-        return (low * mask).sum(-1) / mask.sum(-1), (high * mask).sum(-1) / mask.sum(-1)

@@ -1,10 +1,11 @@
 """``PAPOTrainer``: TRL's ``GRPOTrainer`` with PAPO / GDPO / Dr. GRPO / DARO advantages and DAPO dynamic sampling.
 
-Hook points in TRL 1.16: ``_calculate_rewards`` (score the process rewards of the correct responses and keep the
-gathered rewards), ``_generate_and_score_completions`` (dynamic-sampling rounds, then replace ``advantages`` by
-the estimator's, computed on the gathered rewards and sliced to this process exactly as TRL slices) and
-``_compute_loss`` (the fused linear-head loss inside the model's forward, DARO's per-bucket weighting; TRL's own
-loss whenever neither applies). Without a PAPO option the advantages are TRL's own, untouched.
+Hook points in TRL 1.16: ``_calculate_rewards`` (score the process rewards of the correct responses and record the
+gathered rewards on the round's rows, :class:`ScoredRows`), ``_generate_and_score_completions`` (dynamic-sampling
+rounds, then replace ``advantages`` by the estimator's, computed on the gathered rewards and sliced to this process
+exactly as TRL slices), ``_compute_loss`` (the fused linear-head loss inside the model's forward, DARO's
+per-bucket weighting; TRL's own loss whenever neither applies) and ``_get_per_token_logps_and_entropies`` (packed
+rows with ``padding_free``). Without a PAPO option the advantages are TRL's own, untouched.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from . import vllm_cpu
 from .config import AUTO, PROCESS_ESTIMATORS, as_papo_config, unsupported_loss_options
 from .daro_state import DAROState
 from .diagnostics import advantage_metrics, process_metrics, reward_func_counters, signal_metrics
+from .entropy_control import EntropyControl, trl_field
 from .estimators import compute_advantages, correctness, fill_unscorable
 from .fused_head import add_fused_policy_loss_head
 from .loss_step import PolicyLossStep
+from .packing import PaddingFree, resolve_padding_free
 from .process_rewards import check_process_reward_funcs, score_process_rewards
 from .sampling import PromptStream, assemble_rounds, check_row_keys
 from .sharding import check_sharding
@@ -48,7 +51,15 @@ logger = get_logger(__name__)
 PAPO_STATE_NAME = "papo_state.pt"
 
 
-class PAPOTrainer(PolicyLossStep, GRPOTrainer):
+class ScoredRows(list):
+    """The input rows of one generation round. TRL's ``_generate_and_score_completions`` hands them on to
+    ``_calculate_rewards``, which records the round's gathered rewards on them: ``(rewards_per_func, process)``,
+    ``process`` being ``None`` without process reward functions."""
+
+    rewards: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+
+class PAPOTrainer(PolicyLossStep, PaddingFree, GRPOTrainer):
     """[`~trl.GRPOTrainer`] with decoupled process-aware advantages (PAPO), GDPO, Dr. GRPO, DARO and DAPO dynamic
     sampling; see [`PAPOConfig`].
 
@@ -112,11 +123,16 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
                 eprint       = {arXiv:2603.26535},
             }"""),
     }
+    # TRL's names for the entropy controller's state: its own loss, checkpoint and logging use them
+    entropy_coef = trl_field("coef")
+    _last_world_entropy = trl_field("last_world_entropy")
+    _entropy_window_stats = trl_field("window_stats")
 
     def __init__(self, model, reward_funcs=None, args=None, *trl_args, process_reward_funcs=None, **trl_kwargs):
         process_reward_funcs = check_process_reward_funcs(process_reward_funcs)
         requested = getattr(args, "advantage_estimator", AUTO)  # None and a plain GRPOConfig mean "auto"
         args = as_papo_config(args, model, bool(process_reward_funcs))
+        self._entropy_control = EntropyControl(args)  # before GRPOTrainer's __init__ sets the fields above
         vllm_on_cpu = args.use_vllm and vllm_cpu.runs_on_cpu()
         if vllm_on_cpu:
             vllm_cpu.use_cpu_settings()
@@ -168,7 +184,7 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
         if self._fused_loss:
             base = self.model.get_base_model() if is_peft_model(self.model) else self.model
             add_fused_policy_loss_head(base, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
-        self._round_rewards = None
+        self._padding_free = resolve_padding_free(args.padding_free, (self.model, self.ref_model), self._is_vlm)
         # without a PAPO option, TRL's own advantages and metrics: GRPOTrainer's exactly
         papo_options = (bool(process_reward_funcs), args.advantage_estimator != "grpo", args.dynamic_sampling)
         self._papo_advantages = any(papo_options)
@@ -217,7 +233,8 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
                     async_loop=getattr(self, "async_loop", None), device=self.accelerator.device,
                 )  # fmt: skip
             process = gather(local)
-        self._round_rewards = (rewards_per_func, process)
+        if isinstance(inputs, ScoredRows):
+            inputs.rewards = (rewards_per_func, process)
         return rewards_per_func
 
     # ------------------------------------------------------------------------------------------------ batches
@@ -229,11 +246,7 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
         dynamic = self._prompt_stream is not None and mode == "train"
         rounds, kept, target, batch = [], 0, 0, inputs
         while True:
-            output = super()._generate_and_score_completions(batch)
-            rewards_per_func, process = self._round_rewards
-            logged = self._logs["advantages"]  # TRL logged its own advantages; ours replace them below
-            for _ in range(min(rewards_per_func.shape[0], len(logged))):
-                logged.pop()
+            output, rewards_per_func, process = self._generate_and_score_round(batch)
             if not dynamic:
                 rounds.append((output, rewards_per_func, process, None))
                 break
@@ -255,6 +268,15 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
             generated = sum(r[1].shape[0] for r in rounds)
             return self._set_advantages(output, rewards_per_func, process, G, mode, valid, origin, generated)
         return self._set_advantages(output, rewards_per_func, process, G, mode)
+
+    def _generate_and_score_round(self, rows):
+        """TRL's generation and scoring of one round of input rows: ``(output, rewards_per_func, process)``, the
+        rewards gathered over processes as ``_calculate_rewards`` computed them."""
+        rows = ScoredRows(rows)
+        output = super()._generate_and_score_completions(rows)
+        if rows.rewards is None:
+            raise RuntimeError("PAPOTrainer._calculate_rewards did not see this round's rows (ScoredRows)")
+        return output, *rows.rewards
 
     def _log_dynamic_sampling(self, mode: str, num_rounds: int, kept: int, target: int) -> None:
         metrics = self._metrics[mode]
@@ -287,11 +309,11 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
         start = self.accelerator.process_index * n
         output["advantages"] = adv.total[start : start + n].to(output["advantages"].dtype)
         if origin is None:
-            self._logs["advantages"].extend(adv.total.tolist())
+            self._log_advantages(adv.total.tolist())
         else:  # one value per generated row, in generation order, aligned with the logged completions
             logged = torch.zeros(generated, device=adv.total.device)
             logged[origin] = adv.total
-            self._logs["advantages"].extend(logged.tolist())
+            self._log_advantages(logged.tolist())
         check_error(adv.error)  # the kernel's value checks, read once the logging above has synchronised
         metrics = advantage_metrics(adv, correct, valid)
         metrics.update(signal_metrics(adv.total, correct, G, valid, process=combined))
@@ -308,6 +330,13 @@ class PAPOTrainer(PolicyLossStep, GRPOTrainer):
         return output
 
     # ------------------------------------------------------------------------------------------------ logs and state
+    def _log_advantages(self, values: list[float]) -> None:
+        """Log ``values`` in place of the advantages TRL logged for the same completions (the last ones)."""
+        logged = self._logs["advantages"]
+        for _ in range(min(len(values), len(logged))):
+            logged.pop()
+        logged.extend(values)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         funcs = list(self.reward_funcs) + list(self.process_reward_funcs)

@@ -90,12 +90,13 @@ def main(path: str) -> None:
         local = re.search(r"LOCAL:(\d+)", usage)
         print(json.dumps({
             "kernel": name,
-            "constexprs": {n: v for n, v in kwargs.items() if n.isupper()},
+            "constexprs": {n: v for n, v in kwargs.items() if n.isupper() and not isinstance(v, MockTensor)},
             "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
             "vector_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v[248]", ptx)),
             "num_warps": options.num_warps,
             "registers": int(regs.group(1)) if regs else None,
             "local_bytes": int(local.group(1)) if local else None,
+            "shared": kernel.metadata.shared,
         }))  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from papo_kernels.loss import LOSS_TYPES, PolicyLossConfig
 
 KW = ("old_logps", "ref_logps", "importance_sampling_ratio", "sampling_logps", "num_items_in_batch", "sequence_scale")
+KW += ("cu_seqlens",)
 VESPO = {"paper": (2.0, 3.0, 3.0, 2.0), "fp32-rounded": (0.7, 1.3, 1.5, 0.5), "sharp": (4.0, 0.9, 0.3, 1e-6)}
 
 
@@ -168,3 +169,27 @@ def trl_compute_loss(per_token_logps, entropies, case: dict, cfg: PolicyLossConf
     inputs["num_items_in_batch"] = torch.tensor(float(n), dtype=per_token_logps.dtype)
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     return loss, {k: v[0] for k, v in metrics["train"].items()}, trainer
+
+
+def pack_case(case: dict, lengths: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """``case`` with sequence ``b`` cut to its first ``lengths[b]`` tokens, and the same sequences packed into one row
+    (``cu_seqlens``): ``(packed case, keep)``, ``keep[B, T]`` the packed tokens. Beyond its length a sequence of the
+    padded case gets mask 0, IS ratio 1 and advantage 0, as ``LossInputs.padded`` pads; per-sequence inputs are
+    shared."""
+    mask = case["completion_mask"]
+    B, T = mask.shape
+    keep = torch.arange(T, device=mask.device)[None, :] < lengths.to(mask.device)[:, None]
+    case["completion_mask"] = mask * keep
+    if case["advantages"].dim() == 2:
+        case["advantages"] = case["advantages"] * keep
+    isr = case.get("importance_sampling_ratio")
+    if isr is not None and isr.shape[1] == T > 1:
+        case["importance_sampling_ratio"] = torch.where(keep, isr, torch.ones_like(isr))
+    packed = {}
+    for name, value in case.items():
+        per_token = isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == (B, T)
+        packed[name] = value[keep][None] if per_token and (T > 1 or name != "importance_sampling_ratio") else value
+    cu = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
+    cu[1:] = lengths.to(mask.device).cumsum(0)
+    packed["cu_seqlens"] = cu
+    return packed, keep

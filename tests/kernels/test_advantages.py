@@ -210,6 +210,15 @@ BAD = [
     (lambda d: grpo_advantages(torch.zeros(8, 2, device=d), 4, weights=torch.ones(3, device=d)), "`weights` has 3"),
     (lambda d: grpo_advantages(torch.zeros(8, device=d), 4, scale="prompt"), "`scale` must be"),
     (lambda d: gdpo_advantages(torch.zeros(8, device=d), 4, eps=-1.0), "`eps` must be"),
+    (lambda d: grpo_advantages(torch.zeros(8, device=d), 4, eps=True), "`eps` must be a finite number >= 0, got True"),
+    (
+        lambda d: papo_advantages(*[torch.zeros(8, device=d)] * 3, 4, lambda_process=-1.0),
+        "`lambda_process` must be a finite number >= 0, got -1.0",  # the rule PAPOConfig applies (test_config_ranges)
+    ),
+    (
+        lambda d: papo_advantages(*[torch.zeros(8, device=d)] * 3, 4, lambda_process=True),
+        "`lambda_process` must be a finite number >= 0, got True",
+    ),
     (
         lambda d: papo_advantages(torch.zeros(8, device=d), torch.zeros(4, device=d), torch.zeros(8, device=d), 4),
         "`process` has shape",

@@ -216,7 +216,7 @@ def test_batch_statistics_merge_across_many_programs(G, monkeypatch, device):
 # ------------------------------------------------------------------------------------------------ CUDA only
 @pytest.mark.cuda
 def test_cuda_no_sync_and_at_most_two_launches():
-    from benchmarks.harness import launch_counts
+    from benchmarks.harness import device_profile
 
     calls = _calls(torch.float32, "cuda")
     for name, call in calls.items():
@@ -227,7 +227,7 @@ def test_cuda_no_sync_and_at_most_two_launches():
             call()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        counts = launch_counts(call)  # the profiler's kernels and memcpy/memset operations of one call
+        counts = device_profile(call)  # the profiler's kernels and memcpy/memset operations of one call
         assert counts["kernels"] + counts["copies"] <= 2 and counts["syncs"] == 0, (name, counts)
 
 

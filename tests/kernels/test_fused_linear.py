@@ -67,6 +67,9 @@ def assert_close(out, grads, ref, ref_grads, rtol, atol):
     for name in ("per_token_logps", "entropy", "sequence_loss"):
         r = getattr(ref, name)
         torch.testing.assert_close(getattr(out, name).double(), r, rtol=rtol, atol=atol * max(r.abs().max().item(), 1))
+    assert (out.sequence_clip_ratio is None) == (ref.sequence_clip_ratio is None)
+    if ref.sequence_clip_ratio is not None:
+        torch.testing.assert_close(out.sequence_clip_ratio.double(), ref.sequence_clip_ratio, equal_nan=True)
 
 
 def record_gemms(monkeypatch) -> list:

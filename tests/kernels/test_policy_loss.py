@@ -36,6 +36,10 @@ def assert_outputs_close(a, b, grad_a, grad_b, rtol, atol):
     for name in ("per_token_logps", "entropy", "sequence_loss"):
         ours, ref = getattr(a, name), getattr(b, name)
         torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=rtol, atol=atol * max(1.0, ref.abs().max().item()))
+    assert (a.sequence_clip_ratio is None) == (b.sequence_clip_ratio is None)
+    if b.sequence_clip_ratio is not None:  # fractions of a few tokens: exact up to the division's rounding
+        ours, ref = a.sequence_clip_ratio, b.sequence_clip_ratio
+        torch.testing.assert_close(ours, ref.to(ours.dtype), rtol=1e-6, atol=1e-7, equal_nan=True)
 
 
 @given(cfg=configs(T=T), opts=input_options(), seed=st.integers(0, 2**16))
@@ -143,10 +147,26 @@ def test_extreme_and_neg_inf_logits(device, monkeypatch):
 
 @pytest.mark.parametrize("bad", [-1, V, 10**6])
 def test_bad_ids_raise(bad, device):
+    """An unmasked token's id outside [0, V): the kernels flag it without a host sync (``PolicyLossOutput.check``,
+    at once off CUDA); the reference raises."""
     case = make_case(5, B, T, V, cfg=PolicyLossConfig(), device=device)
     case["completion_ids"][1, 2] = bad
-    with pytest.raises(ValueError, match="completion_ids"):
-        run(policy_loss, case, PolicyLossConfig())
+    case["completion_mask"][1, 2] = 1
+    for fn in (policy_loss, naive_policy_loss):
+        with pytest.raises(ValueError, match="completion_ids"):
+            out, _ = run(fn, case, PolicyLossConfig())
+            out.check()  # CUDA: the flag is read here
+
+
+def test_masked_ids_may_be_anything(device):
+    """Padding ids such as -100 under the mask are never read: the same loss and gradient as with valid ids."""
+    cfg = PolicyLossConfig(beta=0.04, entropy_coef=0.01)
+    case = make_case(6, B, T, V, cfg=cfg, masked_row=True, device=device)
+    padded = dict(case, completion_ids=case["completion_ids"].masked_fill(case["completion_mask"] == 0, -100))
+    for fn in (policy_loss, naive_policy_loss):
+        (ref, g_ref), (out, g_out) = run(fn, case, cfg), run(fn, padded, cfg)
+        out.check()
+        assert_outputs_close(out, ref, g_out, g_ref, rtol=0, atol=0)
 
 
 def test_inplace_grad_and_strided_logits(device):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from trl.trainer.utils import nanmax, nanmin
 
 from papo_kernels import PolicyLossConfig, PolicyLossOutput
 from papo_kernels.loss import loss_from_logps, naive_policy_loss, token_logps_and_entropy
@@ -39,6 +40,12 @@ def test_reference_matches_trl(cfg, opts, seed):
 
     torch.testing.assert_close(out.loss, trl_loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(ours_logits.grad, trl_logits.grad, rtol=1e-10, atol=1e-13)
+    if cfg.clipped:  # TRL's extreme per-sequence clip fractions, from ours per sequence
+        low, high = out.sequence_clip_ratio.unbind(-1)
+        assert nanmin(low).item() == pytest.approx(trl_metrics["clip_ratio/low_min"], rel=1e-6, nan_ok=True)
+        assert nanmax(high).item() == pytest.approx(trl_metrics["clip_ratio/high_max"], rel=1e-6, nan_ok=True)
+    else:
+        assert out.sequence_clip_ratio is None
     for name, value in trl_metrics.items():
         if name in ("clip_ratio/low_min", "clip_ratio/high_max", "entropy_coef"):
             continue

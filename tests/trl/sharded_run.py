@@ -10,6 +10,8 @@ run into plain data parallelism (``use_cpu`` wins over FSDP and DeepSpeed in ``A
 
 Generations are a fixed function of (prompt, position in its group, step) so that every process layout produces
 the same completions; the global batch is the same (one process: 12 rows; two: 6 each, so a group straddles them).
+The runs above pack their micro-batches (``padding_free``, on by default); the ``fp64_*`` runs train in fp64 (sdpa,
+rotary angles in fp64, prompts of several lengths) padded and packed, which must agree to 1e-10.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import zlib
 from pathlib import Path
 
 import torch
@@ -36,6 +37,8 @@ RUNS = {  # name: (config overrides, untied LM head that is sharded on its own)
     "fused_linear_sharded_head": (dict(use_fused_loss=True), True),
 }
 DARO = dict(advantage_estimator="daro", daro_learning_rate=0.2, gradient_accumulation_steps=2, max_steps=4)
+# fp64, the fused loss with the head sharded on its own, DARO over an accumulation window: padded and packed
+FP64 = {name: dict(DARO, max_steps=2, padding_free=name.endswith("packed")) for name in ("fp64_padded", "fp64_packed")}
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
 TOKENIZER = tiny.tiny_tokenizer()
 
@@ -119,21 +122,11 @@ class HeadGathers:
             self.current = None
 
 
-class FixedGenerations(PAPOTrainer):
+class FixedGenerations(tiny.FixedCompletions, PAPOTrainer):
     """``PAPOTrainer`` whose generations depend only on the prompt, the position in its group and the step; it keeps
     the gathered advantages of every generation batch and reports each training step to ``gathers``."""
 
     gathers: HeadGathers | None = None
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
-        start, V = self.accelerator.process_index * len(prompt_ids), len(self._tokenizer)
-        completions = []
-        for i, prompt in enumerate(prompt_ids):
-            key = repr((prompt, (start + i) % self.num_generations, self.state.global_step)).encode()
-            g = torch.Generator().manual_seed(zlib.crc32(key))
-            length = int(torch.randint(1, 9, (1,), generator=g))
-            completions.append(torch.randint(3, V, (length,), generator=g).tolist())
-        return completions, None
 
     def _set_advantages(self, output, *args, **kwargs):
         output = super()._set_advantages(output, *args, **kwargs)
@@ -146,15 +139,20 @@ class FixedGenerations(PAPOTrainer):
         return self.gathers.step(self.model, lambda: super(FixedGenerations, self).training_step(*args, **kwargs))
 
 
-def make_trainer(out_dir: Path, overrides: dict, untied: bool = False, gathers: HeadGathers | None = None):
+def make_trainer(out_dir: Path, overrides: dict, untied: bool = False, gathers: HeadGathers | None = None,
+                 fp64: bool = False):  # fmt: skip
     model = tiny.tiny_model(TOKENIZER)
+    if fp64:
+        model = model.double()
+        model.config._attn_implementation = "sdpa"
     if untied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     settings = {**dict(per_device_train_batch_size=ROWS // WORLD_SIZE, num_generations=G, max_steps=STEPS), **overrides}
     trainer = FixedGenerations(
         model=model, reward_funcs=tiny.digit_outcome_reward, process_reward_funcs=tiny.digit_process_reward,
-        args=tiny.tiny_args(out_dir, **settings), train_dataset=tiny.tiny_dataset(PROMPTS), processing_class=TOKENIZER,
+        args=tiny.tiny_args(out_dir, **settings), processing_class=TOKENIZER,
+        train_dataset=(tiny.varied_dataset if fp64 else tiny.tiny_dataset)(PROMPTS),
     )  # fmt: skip
     trainer.advantages, trainer.gathers = [], gathers
     if trainer.is_fsdp_enabled:  # as `fsdp_transformer_layer_cls_to_wrap: Qwen2DecoderLayer,Linear`: the head alone
@@ -286,6 +284,11 @@ def main(out_dir: Path) -> None:
         trainer.train()
         record(trainer, out_dir, name, gathers=trainer.gathers.steps if trainer.gathers else [])
     daro_run(out_dir, resume=trainer.is_fsdp_enabled)  # checkpoint and resume: under FSDP2
+    with tiny.rotary_in_model_dtype():
+        for name, overrides in FP64.items():
+            trainer = make_trainer(out_dir / name, overrides, untied=True, fp64=True)
+            trainer.train()
+            record(trainer, out_dir, name)
     if sharded:
         errors = bad_setups(out_dir)
         if trainer.accelerator.is_main_process:

@@ -3,14 +3,19 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from papo_trl import PAPOConfig, cli, startup
-from papo_trl.rewards import RubricJudge, exact_answer_reward, step_checker_reward
+from papo_trl.arguments import DemoArguments, PAPOScriptArguments
+from papo_trl.data import load_training_data
+from papo_trl.rewards import RubricJudge, build_reward_funcs, exact_answer_reward, step_checker_reward
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
 
 
 def _write_yaml(path, text):
@@ -129,16 +134,16 @@ def test_non_finite_training_exits_non_zero(monkeypatch, capsys):
     import papo_trl.demo.run as run
 
     monkeypatch.setattr(run, "run_demo", lambda method, **kw: {"non_finite": ["loss@3"]})
-    assert cli.run_demo_command(cli.DemoArguments()) == 1
+    assert cli.run_demo_command(DemoArguments()) == 1
     assert "loss@3" in capsys.readouterr().err
     monkeypatch.setattr(run, "run_demo", lambda method, **kw: {"non_finite": []})
-    assert cli.run_demo_command(cli.DemoArguments()) == 0
+    assert cli.run_demo_command(DemoArguments()) == 0
 
 
 def test_build_reward_funcs(tmp_path):
-    script = cli.PAPOScriptArguments(judge_base_url="http://localhost:1/v1", judge_max_concurrency=4)
+    script = PAPOScriptArguments(judge_base_url="http://localhost:1/v1", judge_max_concurrency=4)
     args = PAPOConfig(str(tmp_path), use_cpu=True, max_completion_length=64)
-    funcs = cli.build_reward_funcs(
+    funcs = build_reward_funcs(
         ["exact_answer_reward", "step_checker_reward", "rubric_judge", "soft_overlong_punishment", "none",
          "papo_trl.rewards.step_checker.check_steps"], script, args)  # fmt: skip
     assert funcs[0] is exact_answer_reward and funcs[1] is step_checker_reward
@@ -147,27 +152,27 @@ def test_build_reward_funcs(tmp_path):
     assert funcs[3](completion_ids=[[0] * 64]) == [-1.0]  # at the length limit: the full penalty
     assert funcs[4].__name__ == "check_steps" and len(funcs) == 5
     with pytest.raises(ValueError, match="dotted import path"):
-        cli.build_reward_funcs(["no_such_reward"], script, args)
+        build_reward_funcs(["no_such_reward"], script, args)
 
 
 def test_load_training_data_from_file_with_system_prompt(tmp_path):
     rows = [{"question": "1+1", "gold": "2"}, {"question": "2+3", "gold": "5"}]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    script = cli.PAPOScriptArguments(dataset_name=str(path), prompt_column="question", answer_column="gold",
-                                     system_prompt="Put the answer in \\boxed{}.")  # fmt: skip
-    train, test = cli.load_training_data(script)
+    script = PAPOScriptArguments(dataset_name=str(path), prompt_column="question", answer_column="gold",
+                                 system_prompt="Put the answer in \\boxed{}.")  # fmt: skip
+    train, test = load_training_data(script)
     assert test is None and len(train) == 2
     assert train[0]["prompt"][0]["role"] == "system" and train[0]["prompt"][1]["content"] == "1+1"
     assert train[1]["solution"] == "5"
     with pytest.raises(ValueError, match="prompt_column"):
-        cli.load_training_data(dataclasses.replace(script, prompt_column="missing"))
+        load_training_data(dataclasses.replace(script, prompt_column="missing"))
     with pytest.raises(ValueError, match="dataset_name"):
-        cli.load_training_data(cli.PAPOScriptArguments())
+        load_training_data(PAPOScriptArguments())
 
 
 def test_demo_dataset_by_name():
-    train, test = cli.load_training_data(cli.PAPOScriptArguments(dataset_name="papo-demo", dataset_test_split="test"))
+    train, test = load_training_data(PAPOScriptArguments(dataset_name="papo-demo", dataset_test_split="test"))
     assert {"prompt", "answer", "reference_solution"} <= set(train.column_names) and len(test) > 0
     assert not set(train["prompt"]) & set(test["prompt"])
 
@@ -197,8 +202,18 @@ def test_judge_flags_default_to_the_judges_own_defaults():
     import inspect
 
     judge = inspect.signature(RubricJudge).parameters
-    flags = {f.name: f.default for f in dataclasses.fields(cli.PAPOScriptArguments)}
+    flags = {f.name: f.default for f in dataclasses.fields(PAPOScriptArguments)}
     pairs = {"model": "judge_model", "api_key": "judge_api_key", "max_concurrency": "judge_max_concurrency",
              "request_timeout": "judge_timeout", "max_retries": "judge_max_retries",
              "batch_deadline": "judge_batch_deadline", "max_tokens": "judge_max_tokens"}  # fmt: skip
     assert {k: judge[k].default for k in pairs} == {k: flags[v] for k, v in pairs.items()}
+
+
+def test_the_cli_loads_without_the_heavy_libraries():
+    """``papo-train`` checks its arguments before torch, TRL, datasets or the judge's client load: its modules, the
+    reward names among them, import without them."""
+    heavy = ["datasets", "openai", "sympy", "torch", "transformers", "trl"]
+    code = f"import sys, papo_trl.cli; print(sorted(set({heavy!r}) & set(sys.modules)))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

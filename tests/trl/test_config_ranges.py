@@ -10,7 +10,9 @@ from tests.trl.tiny import tiny_args
     [
         ({"learning_rate": -1.0}, r"`learning_rate` must be a finite number >= 0, got -1.0"),
         ({"learning_rate": float("nan")}, "`learning_rate`"),
-        ({"lambda_process": -2.0}, r"`lambda_process` must be a finite number >= 0, got -2.0"),
+        ({"lambda_process": -2.0}, r"`lambda_process` must be a finite number >= 0, got -2.0"),  # papo_advantages' rule
+        ({"lambda_process": True}, r"`lambda_process` must be a finite number >= 0, got True"),
+        ({"advantage_epsilon": True}, r"`advantage_epsilon` must be a finite number >= 0, got True"),
         ({"beta": -0.04}, "`beta`"),
         ({"epsilon": -0.2}, "`epsilon`"),
         ({"epsilon": 0.2, "epsilon_high": 0.1}, r"`epsilon_high` must be >= `epsilon` \(0.2\), got 0.1"),

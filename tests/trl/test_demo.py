@@ -214,10 +214,12 @@ def test_compare_over_seeds(tmp_path, monkeypatch, capsys):
 
 
 def test_model_spec_defaults_are_tiny():
-    spec = demo_model.TinyModelSpec()
-    assert spec.hidden_size % spec.num_attention_heads == 0
-    assert spec.num_attention_heads % spec.num_key_value_heads == 0
-    assert spec.hidden_size // spec.num_attention_heads in (32, 64, 80, 96, 112, 128)  # vLLM's CPU head sizes
+    for spec in (demo_model.TinyModelSpec(), demo_model.VLLM_MODEL):
+        assert spec.hidden_size % spec.num_attention_heads == 0
+        assert spec.num_attention_heads % spec.num_key_value_heads == 0
+    vllm = demo_model.VLLM_MODEL  # the same width in heads vLLM's CPU backend runs
+    assert vllm.hidden_size == demo_model.TinyModelSpec().hidden_size
+    assert vllm.hidden_size // vllm.num_attention_heads in (32, 64, 80, 96, 112, 128)
 
 
 def test_curve_recorder_flags_non_finite_training():

@@ -1,10 +1,11 @@
 """PAPOTrainer is a drop-in for TRL's GRPOTrainer: a GRPO script with only the class names changed trains the same.
 
 Every option below runs twice on a tiny Qwen2 model saved locally (no download): once with ``GRPOTrainer`` /
-``GRPOConfig``, once with ``PAPOTrainer`` / ``PAPOConfig`` and nothing else changed, with TRL's loss
-(``use_fused_loss=False``: equal to the bit) and with the fused loss (the Triton kernels, through the interpreter
-on CPU: equal to fp32 rounding). Both runs must log the same metric names with equal values step for step, keep the
-same rewards and advantages for their completions and end with the same weights.
+``GRPOConfig``, once with ``PAPOTrainer`` / ``PAPOConfig`` and nothing else changed, with TRL's loss on padded
+batches (``use_fused_loss=False, padding_free=False``: equal to the bit) and with the defaults (the fused loss, the
+Triton kernels through the interpreter on CPU, on packed batches: equal to fp32 rounding). Both runs must log the
+same metric names with equal values step for step, keep the same rewards and advantages for their completions and
+end with the same weights.
 
 A new TRL option is one more ``option(...)`` line in ``OPTIONS``: keyword arguments named after a ``GRPOConfig``
 field go to both configs; ``model``, ``reward_funcs``, ``eval_dataset`` and ``peft_config`` go to both trainers as
@@ -179,16 +180,19 @@ def assert_same_run(ours, reference, exact: bool) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fused", [False, True], ids=["trl_loss", "fused_loss"])
+@pytest.mark.parametrize("fused", [False, True], ids=["trl_loss_padded", "fused_loss_packed"])
 @pytest.mark.parametrize("name, overrides", OPTIONS)
 def test_papo_trainer_trains_as_grpo_trainer(name, overrides, fused, model_dir, grpo_runs, tmp_path_factory):
     if fused and not kernels_available("cpu"):
         pytest.skip("these trainers run on CPU, where the fused loss needs TRITON_INTERPRET=1 (set without CUDA)")
     if name not in grpo_runs:
         grpo_runs[name] = train(GRPOTrainer, GRPOConfig, overrides, model_dir, tmp_path_factory.mktemp("grpo"))
-    ours = train(PAPOTrainer, PAPOConfig, overrides, model_dir, tmp_path_factory.mktemp("papo"), use_fused_loss=fused)
+    padded = {} if fused else {"padding_free": False}
+    ours = train(PAPOTrainer, PAPOConfig, overrides, model_dir, tmp_path_factory.mktemp("papo"), use_fused_loss=fused,
+                 **padded)  # fmt: skip
     assert ours.args.advantage_estimator == "grpo"
     assert ours._fused_loss == (fused and not unsupported_loss_options(ours.args))
+    assert ours._padding_free == fused
     assert_same_run(ours, grpo_runs[name], exact=not fused)
 
 

@@ -19,9 +19,10 @@ from transformers import (
 )
 
 from papo_kernels import PolicyLossConfig
-from papo_kernels.loss import naive_policy_loss
+from papo_kernels.loss import LossInputs
+from papo_kernels.loss.naive import naive_logits_loss
 from papo_trl import fused_head
-from papo_trl.fused_head import PolicyLossInputs, add_fused_policy_loss_head, head_transform
+from papo_trl.fused_head import HeadLoss, add_fused_policy_loss_head, head_transform
 
 V, P, T, B = 32, 4, 5, 3
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,21 +51,18 @@ def batch(cfg: PolicyLossConfig, seed=0, left_pad=True):
     completion = torch.randint(3, V, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
     mask[1, 3:] = 0
-    inputs = PolicyLossInputs(
-        completion_ids=completion, completion_mask=mask, advantages=torch.randn(B, generator=g, dtype=torch.float64),
-        config=cfg, old_logps=-3 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
-        ref_logps=-3 + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64) if cfg.beta else None,
-    )  # fmt: skip
-    for f in ("completion_ids", "completion_mask", "advantages", "old_logps", "ref_logps"):
-        if getattr(inputs, f) is not None:
-            setattr(inputs, f, getattr(inputs, f).to(DEVICE))
-    return torch.cat([prompt, completion], 1).to(DEVICE), torch.cat([prompt_mask, mask], 1).to(DEVICE), inputs
+    f64 = lambda: torch.randn(B, T, generator=g, dtype=torch.float64)  # noqa: E731
+    advantages, old_logps = torch.randn(B, generator=g, dtype=torch.float64), -3 + 0.3 * f64()
+    ref_logps = -3 + 0.3 * f64() if cfg.beta else None
+    on = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    inputs = LossInputs(on(mask), on(advantages), old_logps=on(old_logps), ref_logps=on(ref_logps))
+    head_loss = HeadLoss(completion.to(DEVICE), inputs, cfg)
+    return torch.cat([prompt, completion], 1).to(DEVICE), torch.cat([prompt_mask, mask], 1).to(DEVICE), head_loss
 
 
-def eager(model, input_ids, attention_mask, inputs):
+def eager(model, input_ids, attention_mask, head_loss):
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -T - 1 : -1]
-    return naive_policy_loss(logits, inputs.completion_ids, inputs.completion_mask, inputs.advantages,
-                             **inputs.loss_kwargs())  # fmt: skip
+    return naive_logits_loss(logits, head_loss.completion_ids, head_loss.inputs, head_loss.config)
 
 
 def grads(model):
@@ -77,7 +75,7 @@ def compare(model, cfg, patch_fn=add_fused_policy_loss_head, left_pad=True, **pa
     patch_fn(patched, **patch_kw)
     ref = eager(model, input_ids, attention_mask, inputs)
     ref.loss.backward()
-    out = patched(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
+    out, _ = patched(input_ids=input_ids, attention_mask=attention_mask, policy_loss=inputs)
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.per_token_logps, ref.per_token_logps, rtol=1e-10, atol=1e-12)
@@ -95,7 +93,7 @@ def test_patched_model_matches_unpatched_model(tie, level):
                            temperature=0.8)  # fmt: skip
     patched, out = compare(tiny(tie=tie), cfg, chunk_size=4)
     assert set(out.metrics) >= {"entropy", "kl", "policy_loss"}
-    # without policy_loss_inputs the forward is the original one: generation is unchanged
+    # without policy_loss the forward is the original one: generation is unchanged
     x = torch.randint(3, V, (1, 4), device=DEVICE)
     torch.testing.assert_close(patched(input_ids=x).logits, tiny(tie=tie)(input_ids=x).logits)
     assert patched.generate(x, max_new_tokens=2, do_sample=False).shape == (1, 6)
@@ -120,7 +118,7 @@ def test_training_steps_match():
     for step in range(2):
         input_ids, attention_mask, inputs = batch(cfg, seed=step)
         eager(model, input_ids, attention_mask, inputs).loss.backward()
-        patched(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs).loss.backward()
+        patched(input_ids=input_ids, attention_mask=attention_mask, policy_loss=inputs)[0].loss.backward()
         for opt in opts:
             opt.step()
             opt.zero_grad()
@@ -137,7 +135,7 @@ def test_peft_frozen_head():
     add_fused_policy_loss_head(patched.get_base_model())
     input_ids, attention_mask, inputs = batch(cfg)
     eager(model, input_ids, attention_mask, inputs).loss.backward()
-    out = patched(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
+    out, _ = patched(input_ids=input_ids, attention_mask=attention_mask, policy_loss=inputs)
     out.loss.backward()
     g_ref, g_out = grads(model), grads(patched)
     assert g_ref and set(g_ref) == set(g_out) and all("lora" in n for n in g_out)
@@ -199,7 +197,7 @@ def test_frozen_head_gets_no_weight_gradient_and_no_accumulator(frozen):
     model.lm_head.weight.requires_grad_(not frozen)  # tied: the input embeddings' weight too
     input_ids, attention_mask, inputs = batch(PolicyLossConfig(loss_type="grpo", entropy_coef=0.01))
     with HeadShapedTensors(model.lm_head.weight.shape) as seen:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
+        out, _ = model(input_ids=input_ids, attention_mask=attention_mask, policy_loss=inputs)
         out.loss.backward()
     assert (model.lm_head.weight.grad is None) == frozen
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None  # the rest of the model still trains
@@ -227,7 +225,7 @@ def test_dtensor_head(tmp_path):
         input_ids, attention_mask, inputs = batch(cfg)
         ref = eager(model, input_ids, attention_mask, inputs)
         ref.loss.backward()
-        out = sharded(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
+        out, _ = sharded(input_ids=input_ids, attention_mask=attention_mask, policy_loss=inputs)
         out.loss.backward()
         torch.testing.assert_close(out.loss, ref.loss)
         grad = sharded.lm_head.weight.grad
@@ -239,6 +237,6 @@ def test_dtensor_head(tmp_path):
         weight = distribute_tensor(tensor_parallel.lm_head.weight.data, mesh, [Shard(0)])
         tensor_parallel.lm_head.weight = torch.nn.Parameter(weight)
         with pytest.raises(ValueError, match="use_fused_loss"):
-            tensor_parallel(input_ids=input_ids, attention_mask=attention_mask, policy_loss_inputs=inputs)
+            tensor_parallel(input_ids=input_ids, attention_mask=attention_mask, policy_loss=inputs)
     finally:
         dist.destroy_process_group()

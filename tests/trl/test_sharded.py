@@ -5,7 +5,9 @@ For TRL's loss (``use_fused_loss=False``), the fused linear-head loss (tied head
 gathers) and the fused loss with an untied head that is sharded on its own (a DTensor under FSDP2, a partitioned
 parameter under ZeRO-3), and DARO with gradient accumulation: the per-step loss, gradient norm and entropy, the
 gathered advantages and the final weights equal the single-process run's within 1e-4; the head is gathered once
-per step (ZeRO-3 may gather it once more, for the backward), never per token chunk. Under FSDP2, a DARO run
+per step (ZeRO-3 may gather it once more, for the backward), never per token chunk. Every run packs its micro-batches
+(``padding_free``); in fp64, packed and padded runs of the fused loss with the sharded head and DARO over an
+accumulation window agree to 1e-10 under each backend, and with the single process. Under FSDP2, a DARO run
 resumed from its step-2 checkpoint gets back its DARO weights and optimiser state and continues the uninterrupted
 curve. Setups that cannot work fail at start-up on both processes, naming the option.
 The worker is ``sharded_run.py``.
@@ -14,7 +16,6 @@ The worker is ``sharded_run.py``.
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("sharded_run.py")
 RECIPES = ROOT / "examples" / "accelerate"
 RUNS = ("trl_loss", "fused_linear", "fused_linear_sharded_head", "daro")
-TOL = 1e-4
+TOL, FP64_TOL = 1e-4, 1e-10
 
 
 def _env() -> dict:
@@ -39,12 +40,6 @@ def _env() -> dict:
 def _run(cmd: list[str], timeout: int) -> None:
     run = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_config(recipe: str, path: Path) -> Path:
@@ -59,8 +54,9 @@ def cpu_config(recipe: str, path: Path) -> Path:
 
 def launch(recipe: str, out: Path) -> Path:
     config = cpu_config(recipe, out / "accelerate.yaml")
+    # port 0: the launcher binds the rendezvous port itself, whichever ports are free or taken
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--main_process_port", str(_free_port()), str(WORKER), str(out)]  # fmt: skip
+           "--main_process_port", "0", str(WORKER), str(out)]  # fmt: skip
     _run(cmd, timeout=420)
     return out
 
@@ -76,18 +72,18 @@ def load(out: Path, name: str) -> tuple[dict, dict]:
     return json.loads((out / f"{name}.json").read_text()), torch.load(out / f"{name}.pt", weights_only=True)
 
 
-def assert_same_training(ref: tuple[dict, dict], got: tuple[dict, dict], keys=("loss", "grad_norm", "entropy")):
+def assert_same_training(ref, got, keys=("loss", "grad_norm", "entropy"), tol: float = TOL):
     (ref_log, ref_weights), (log, weights) = ref, got
     assert [c["step"] for c in log["curve"]] == [c["step"] for c in ref_log["curve"]]
     for want, have in zip(ref_log["curve"], log["curve"], strict=True):
         for key in keys:
-            assert have[key] == pytest.approx(want[key], abs=TOL), (key, have["step"])
+            assert have[key] == pytest.approx(want[key], abs=tol), (key, have["step"])
     assert len(log["advantages"]) == len(ref_log["advantages"])
     for want, have in zip(ref_log["advantages"], log["advantages"], strict=True):
-        assert have == pytest.approx(want, abs=TOL)
+        assert have == pytest.approx(want, abs=tol)
     assert set(weights) == set(ref_weights)
     for name, want in ref_weights.items():
-        torch.testing.assert_close(weights[name], want, rtol=0, atol=TOL, msg=name)
+        torch.testing.assert_close(weights[name], want, rtol=0, atol=tol, msg=name)
 
 
 def check_runs(ref: Path, out: Path, backend: str) -> dict[str, dict]:
@@ -98,6 +94,11 @@ def check_runs(ref: Path, out: Path, backend: str) -> dict[str, dict]:
         keys = ("loss", "grad_norm") if name == "daro" else ("loss", "grad_norm", "entropy")  # entropy: per micro-batch
         assert_same_training(load(ref, name), got, keys)
         logs[name] = got[0]
+    keys = ("loss", "grad_norm", "daro/weight_k1", "daro/weight_k3")
+    padded = load(out, "fp64_padded")
+    assert padded[0]["backend"] == backend
+    assert_same_training(padded, load(out, "fp64_packed"), keys, tol=FP64_TOL)
+    assert_same_training(load(ref, "fp64_padded"), padded, keys)  # sums over the processes in another order
     return logs
 
 

@@ -85,6 +85,7 @@ def test_papo_advantages_and_process_calls(tmp_path):
     options = dict(lambda_process=0.5, eps=1e-6, scale_by_std=True, process_norm="correct")
     ref = naive_papo_advantages(rewards[:, 0], process[:, 0], correct, 4, **options)
     torch.testing.assert_close(advantages, ref.total, atol=1e-5, rtol=1e-5)
+    assert list(trainer._logs["advantages"]) == advantages.tolist()  # the completions table shows ours, not TRL's
 
 
 @pytest.mark.parametrize("config_class", [None, GRPOConfig])

@@ -1,7 +1,10 @@
-"""Checkpoints keep PAPO's own state: DARO's weights and optimiser, and the dynamic-sampling prompt stream."""
+"""Checkpoints keep PAPO's own state: DARO's weights and optimiser, the dynamic-sampling prompt stream, and the
+adaptive entropy controller in TRL's own file."""
 
+import json
 import math
 
+import pytest
 import torch
 
 from papo_trl import PAPOTrainer
@@ -59,3 +62,41 @@ def test_daro_weights_and_prompt_stream_survive_resume(tmp_path):
     logs = [h for h in resumed.state.log_history if "loss" in h]
     assert logs[-1]["step"] == 3 and math.isfinite(logs[-1]["loss"]) and "daro/weight_k1" in logs[-1]
     assert resumed._daro.optimizer.state_dict()["state"][0]["step"] == 3
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "trl"])
+def test_entropy_control_survives_resume(tmp_path, fused):
+    """TRL's ``entropy_ctrl_state.json`` holds the controller's state, whichever loss moved it (the kernel path or
+    TRL's own), and a resumed run starts from it."""
+
+    def trainer(max_steps):
+        args = tiny_args(
+            tmp_path, advantage_estimator="grpo", max_steps=max_steps, save_strategy="steps", save_steps=2,
+            use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=1e3, entropy_coef_delta=0.01,
+            use_fused_loss=fused,
+        )  # fmt: skip
+        return PAPOTrainer(model=tiny_model(TOKENIZER), reward_funcs=digit_outcome_reward, args=args,
+                           train_dataset=tiny_dataset(), processing_class=TOKENIZER)  # fmt: skip
+
+    first = trainer(max_steps=2)
+    assert first._fused_loss == fused
+    first.train()
+    control = first._entropy_control
+    assert control.coef == pytest.approx(0.07) and math.isfinite(control.last_world_entropy)  # up by delta per step
+    assert (first.entropy_coef, first._last_world_entropy) == (control.coef, control.last_world_entropy)
+    saved = json.loads((tmp_path / "checkpoint-2" / "entropy_ctrl_state.json").read_text())
+    assert saved == {"entropy_coef": control.coef, "last_world_entropy": control.last_world_entropy}
+
+    resumed = trainer(max_steps=3)
+    loaded = {}
+    load = resumed._load_optimizer_and_scheduler
+
+    def spy(checkpoint):  # the state right after the checkpoint is read, before any further step
+        load(checkpoint)
+        loaded.update(coef=resumed._entropy_control.coef, entropy=resumed._entropy_control.last_world_entropy)
+
+    resumed._load_optimizer_and_scheduler = spy
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert loaded == {"coef": saved["entropy_coef"], "entropy": saved["last_world_entropy"]}
+    assert resumed._entropy_control.coef == pytest.approx(0.08)
+    assert [h["entropy_coef"] for h in resumed.state.log_history if "loss" in h][-1] == pytest.approx(0.08)

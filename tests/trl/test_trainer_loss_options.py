@@ -41,7 +41,8 @@ def test_options_and_adaptive_entropy_match_trl(tmp_path, fused):
         reference = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
         expected, expected_state = torch.autograd.grad(reference, params), _state(trainer)
         trl_coef_logs = list(metrics["entropy_coef"])
-        trainer.__dict__.update(copy.deepcopy(before))
+        for name, value in copy.deepcopy(before).items():
+            setattr(trainer, name, value)
         loss = trainer._compute_policy_loss(trainer.model, inputs)
         grads = torch.autograd.grad(loss, params)
         assert loss.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-8)

@@ -88,6 +88,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
     assert min(log["dynamic_sampling/kept_frac"] for log in logs) < 1.0
     assert all(log["dynamic_sampling/batch_fill"] == 1.0 for log in logs)
     assert trainer._prompt_stream.drawn > 0
+    assert len(trainer._logs["advantages"]) == len(trainer._logs["prompt"])  # one logged advantage per completion
     for rewards, valid, out in captured:
         assert valid.all()
         groups = rewards[:, 0].view(-1, 4)

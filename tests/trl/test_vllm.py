@@ -23,7 +23,7 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from papo_trl import PAPOConfig, PAPOTrainer
-from papo_trl.demo.model import TinyModelSpec, build_model, build_tokenizer
+from papo_trl.demo.model import VLLM_MODEL, build_model, build_tokenizer
 from papo_trl.demo.run import _no_checkpointing
 from papo_trl.demo.task import make_splits
 from papo_trl.rewards import RubricJudge
@@ -71,7 +71,7 @@ def digit_share(completions, **kwargs) -> list[float]:
 def save_policy(directory: Path, tied: bool = True, max_positions: int = 128) -> Path:
     """The demo's model (seed 0) and tokenizer in ``directory``; untied: the same shapes with a separate output
     layer. A plain chat template lets the judge's chat requests through."""
-    config = build_model(TOKENIZER, TinyModelSpec(max_position_embeddings=max_positions)).config
+    config = build_model(TOKENIZER, replace(VLLM_MODEL, max_position_embeddings=max_positions)).config
     config.tie_word_embeddings = tied
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(directory)
@@ -252,7 +252,7 @@ def test_rubric_judge_against_a_vllm_server(vllm_server, tmp_path):
     every score is ``None``, counted by kind, and training goes on with the outcome advantages."""
     judge = RubricJudge(f"{vllm_server.url}/v1", SERVED_NAME, max_tokens=8, temperature=0.0, max_retries=0)
     trainer = PAPOTrainer(
-        model=build_model(TOKENIZER), reward_funcs=odd_digit_count,
+        model=build_model(TOKENIZER, VLLM_MODEL), reward_funcs=odd_digit_count,
         process_reward_funcs=judge, args=training_args(tmp_path), train_dataset=rl_data(),
         processing_class=TOKENIZER,
     )  # fmt: skip

@@ -6,10 +6,14 @@ give identical models.
 
 from __future__ import annotations
 
+import contextlib
+import zlib
+
 import torch
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2 import modeling_qwen2
 
 DEFAULT_CHARS = "0123456789+-*=()abcdefghijklmnopqrstuvwxyz .,?\\{}"
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
@@ -53,10 +57,53 @@ def tiny_model(
     return model
 
 
+@contextlib.contextmanager
+def rotary_in_model_dtype():
+    """Qwen2's rotary angles and their cos/sin in the model's dtype. transformers computes them in fp32 whatever the
+    model's dtype, and the CPU's vectorised and scalar cos/sin differ in the last bit depending on a row's length:
+    the same tokens at the same positions then differ at fp32 rounding between a padded and a packed row. In fp64
+    they do not, and left padding (TRL counts a padded prompt's positions from its padding) cancels out of the
+    rotary embedding."""
+
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].to(x.dtype) * self.inv_freq.to(x.device, x.dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+    original = modeling_qwen2.Qwen2RotaryEmbedding.forward
+    modeling_qwen2.Qwen2RotaryEmbedding.forward = forward
+    try:
+        yield
+    finally:
+        modeling_qwen2.Qwen2RotaryEmbedding.forward = original
+
+
 def tiny_dataset(num_prompts: int = 16) -> Dataset:
     """Standard-format prompts ``"a+b="`` with the answer in column ``answer`` and the row index in ``idx``."""
     rows = [{"prompt": f"{i % 7}+{i % 5}=", "answer": str(i % 7 + i % 5), "idx": i} for i in range(num_prompts)]
     return Dataset.from_list(rows)
+
+
+def varied_dataset(num_prompts: int = 16) -> Dataset:
+    """As :func:`tiny_dataset`, with prompts of 4 to 8 characters (a batch's shorter prompts are left-padded)."""
+    rows = [{"prompt": f"{'1' * (i % 5)}{i % 7}+{i % 5}=", "answer": str(i % 7 + i % 5), "idx": i}
+            for i in range(num_prompts)]  # fmt: skip
+    return Dataset.from_list(rows)
+
+
+class FixedCompletions:
+    """Mixin before a ``GRPOTrainer``: each completion is 1 to 8 random tokens (no EOS), a fixed function of its
+    prompt, its position in its group and the step, so that every process layout and every run generates the same."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kwargs):
+        start, V = self.accelerator.process_index * len(prompt_ids), len(self._tokenizer)
+        completions = []
+        for i, prompt in enumerate(prompt_ids):
+            key = repr((prompt, (start + i) % self.num_generations, self.state.global_step)).encode()
+            g = torch.Generator().manual_seed(zlib.crc32(key))
+            length = int(torch.randint(1, 9, (1,), generator=g))
+            completions.append(torch.randint(3, V, (length,), generator=g).tolist())
+        return completions, None
 
 
 def digit_outcome_reward(completions, **kwargs) -> list[float]:

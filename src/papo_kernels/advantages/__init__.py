@@ -3,6 +3,7 @@
 from .api import (
     GRPO_EPS,
     PAPO_EPS,
+    check_lambda_process,
     dynamic_sampling_mask,
     gdpo_advantages,
     grpo_advantages,
@@ -18,6 +19,7 @@ __all__ = [
     "GroupAdvantages",
     "PAPOAdvantages",
     "check_error",
+    "check_lambda_process",
     "dynamic_sampling_mask",
     "gdpo_advantages",
     "grpo_advantages",

@@ -20,11 +20,9 @@ On CUDA a call is one Triton launch, no host synchronisation (unless ``validate=
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._runtime import check_same_device, check_tensor, kernels_available, require
+from .._runtime import check_same_device, check_tensor, kernels_available, require, require_finite
 from . import fused, naive
 from .types import GroupAdvantages, PAPOAdvantages, check_error
 
@@ -40,12 +38,10 @@ def _check_G(G, N: int, name: str) -> None:
     require(G <= fused.MAX_G, "`G` must be at most {}, got {}", fused.MAX_G, G)
 
 
-def _check_eps(eps) -> None:
-    require(
-        isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0,
-        "`eps` must be a finite float >= 0, got {!r}",
-        eps,
-    )
+def check_lambda_process(lambda_process) -> None:
+    """PAPO's weight of ``A_proc`` in ``A_out + lambda_process * A_proc``: a finite number ``>= 0`` (the one rule,
+    which ``PAPOConfig`` applies too)."""
+    require_finite("lambda_process", lambda_process, 0)
 
 
 def _check_rewards(rewards, G, weights) -> None:
@@ -117,7 +113,7 @@ def grpo_advantages(
     """
     _check_rewards(rewards, G, weights)
     require(scale in ("group", "batch", "none"), "`scale` must be 'group', 'batch' or 'none', got {!r}", scale)
-    _check_eps(eps)
+    require_finite("eps", eps, 0)
     if _route(rewards):
         return _finish(fused.fused_grpo_advantages(rewards, G, weights, scale, eps), validate)
     return _finish(naive.naive_grpo_advantages(rewards, G, weights=weights, scale=scale, eps=eps), validate)
@@ -155,7 +151,7 @@ def gdpo_advantages(
         tensor([ 0.8658, -0.8658,  0.8658, -0.8658])
     """
     _check_rewards(rewards, G, weights)
-    _check_eps(eps)
+    require_finite("eps", eps, 0)
     if _route(rewards):
         return _finish(fused.fused_gdpo_advantages(rewards, G, weights, eps), validate)
     return _finish(naive.naive_gdpo_advantages(rewards, G, weights=weights, eps=eps), validate)
@@ -185,7 +181,7 @@ def papo_advantages(
         process: ``[N]`` process scores ``p`` (PRM, e.g. a rubric judge), same dtype; NaN: not scored.
         correct: ``[N]`` correctness, non-zero (or ``True``) for a correct response; no NaN.
         G: responses per prompt, dividing ``N``.
-        lambda_process: weight of ``A_proc``.
+        lambda_process: weight of ``A_proc``, a finite number ``>= 0``.
         eps: added to both stds, and the threshold of the ``std > eps`` gates.
         scale_by_std: ``False`` centres without scaling (the Dr. GRPO variant, same gates).
         process_norm: ``"correct"``, or ``"all"``: ``p`` normalised over all ``G`` responses (the
@@ -217,11 +213,8 @@ def papo_advantages(
     require(process.dtype == outcome.dtype, "`process` has dtype {} but `outcome` has {}", process.dtype, outcome.dtype)
     check_same_device(outcome=outcome, process=process, correct=correct)
     require(process_norm in ("correct", "all"), "`process_norm` must be 'correct' or 'all', got {!r}", process_norm)
-    require(
-        isinstance(lambda_process, (int, float)) and math.isfinite(lambda_process),
-        "`lambda_process` must be a finite float, got {!r}", lambda_process,
-    )  # fmt: skip
-    _check_eps(eps)
+    check_lambda_process(lambda_process)
+    require_finite("eps", eps, 0)
     if _route(outcome):
         out = fused.fused_papo_advantages(
             outcome, process, correct, G, lambda_process, eps, bool(scale_by_std), process_norm

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import compute_dtype, next_pow2
+from .._runtime import cached_tensor, compute_dtype, next_pow2
 from . import types
 from .types import GroupAdvantages, PAPOAdvantages
 
@@ -50,7 +50,6 @@ _CORRECT_NAN = tl.constexpr(types.CORRECT_NAN)
 TICKET, BITS = tl.constexpr(0), tl.constexpr(1)
 P_COUNT, P_MEAN, P_M2, N_STATS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 _states: dict[tuple, torch.Tensor] = {}
-_scalars: dict[tuple, torch.Tensor] = {}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -334,11 +333,8 @@ def _state(device: torch.device) -> torch.Tensor:
 
 def _params(dtype: torch.dtype, device: torch.device, *values: float) -> torch.Tensor:
     """The scalars as a tensor of `dtype` on `device`, made once per (dtype, device, values)."""
-    key = (dtype, device, values)
-    params = _scalars.get(key)
-    if params is None:
-        params = _scalars[key] = torch.tensor(values, dtype=dtype, device=device)
-    return params
+    make = lambda: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    return cached_tensor(("advantages", dtype, device, values), make)
 
 
 def _group_normalize(kernel, rewards, G, weights, eps, per_column: bool, batch: bool, **meta) -> GroupAdvantages:

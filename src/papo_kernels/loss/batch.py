@@ -1,5 +1,10 @@
 """Batch-wide kernels over the O(B*T) state the row kernels leave: no pass over the logits.
 
+Sequence ``b`` is the flat tokens ``CU[b]`` to ``CU[b + 1]``: a padded ``[B, T]`` batch has ``CU[b] = b T``, a
+packed one its ``cu_seqlens``. Per-token inputs are flat (token ``p`` at ``p``); the advantage and the IS ratio of
+token ``p`` of sequence ``b`` are at ``b * s_seq + p * s_tok`` (one per sequence: ``s_tok = 0``; one per token, flat:
+``s_seq = 0, s_tok = 1``).
+
 ``_sequence_kernel`` (one program per sequence) writes the per-sequence partial sums ``PART[b]`` (loss, tokens,
 entropy, KL, clip flags, VESPO weight, entropy over the bonus tokens). Single phase, the row kernel has already
 evaluated every token's terms and this sums them. Two phases, it first gathers the sequence's statistics of the
@@ -28,9 +33,11 @@ from .terms import (
     C_BONUS_N,
     C_ENT,
     C_HIGH,
+    C_HIGH_RATIO,
     C_KL,
     C_LOSS,
     C_LOW,
+    C_LOW_RATIO,
     C_PHI,
     C_REGION,
     C_TOKENS,
@@ -76,26 +83,31 @@ def _clamp(x, lo, hi):
 
 
 @triton.jit
-def _token_block(LOGP, MASK, b, T, t0, vz, BLOCK_T: tl.constexpr):
-    """Positions, bounds, flat indices, mask values (and where non-zero) and log-probs of one block of tokens."""
-    t = t0 + tl.arange(0, BLOCK_T)
-    inb = t < T
-    p = b * T + t
+def _span(CU, b):
+    """First and end flat token of sequence ``b``."""
+    return tl.load(CU + b).to(tl.int64), tl.load(CU + b + 1).to(tl.int64)
+
+
+@triton.jit
+def _token_block(LOGP, MASK, start, end, t0, vz, BLOCK_T: tl.constexpr):
+    """Flat positions, bounds, mask values (and where non-zero) and log-probs of one block of a sequence's tokens."""
+    p = start + t0 + tl.arange(0, BLOCK_T)
+    inb = p < end
     m = tl.load(MASK + p, mask=inb, other=0).to(vz.dtype)
-    return t, inb, p, m, m != 0, tl.load(LOGP + p, mask=inb, other=0.0)
+    return p, inb, m, m != 0, tl.load(LOGP + p, mask=inb, other=0.0)
 
 
 @triton.jit
 def _sequence_stats(
-    LOGP, MASK, OLD, ISR, sib, sit, T_isr, SAMP, P, b, T, vz,
+    LOGP, MASK, OLD, ISR, si_seq, si_tok, isr_per_seq, SAMP, P, b, start, end, vz,
     SEQ_LEVEL: tl.constexpr, VESPO: tl.constexpr, HAS_OLD: tl.constexpr, VESPO_ISR: tl.constexpr,
     OFF_POLICY: tl.constexpr, HAS_SAMP: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """GSPO's ratio ``R``, VESPO's ``ln w`` and the off-policy mask's mean KL of sequence ``b``."""
     cnt, lr, vl, vi, okl = vz, vz, vz, vz, vz
     ln_low = tl.load(P + P_LN_LOW)
-    for t0 in range(0, T, BLOCK_T):
-        t, inb, p, m, on, logp = _token_block(LOGP, MASK, b, T, t0, vz, BLOCK_T)
+    for t0 in range(0, end - start, BLOCK_T):
+        p, inb, m, on, logp = _token_block(LOGP, MASK, start, end, t0, vz, BLOCK_T)
         old = logp
         if HAS_OLD:
             old = tl.load(OLD + p, mask=inb, other=0.0).to(vz.dtype)
@@ -104,9 +116,9 @@ def _sequence_stats(
             lr += tl.where(on, m * (logp - old), 0.0)
         if VESPO:
             vl += tl.where(on, m * _clamp(logp - old, -LN_W_MAX, LN_W_MAX), 0.0)
-            if VESPO_ISR:  # every entry of the IS ratio counts, masked or not (TRL)
-                isr_in = inb & (t < T_isr)
-                isr = tl.load(ISR + b * sib + t * sit, mask=isr_in, other=1.0).to(vz.dtype)
+            if VESPO_ISR:  # every entry of a per-token IS ratio counts, masked or not (TRL)
+                isr_in = inb & ((p * 0 + isr_per_seq) == 0)
+                isr = tl.load(ISR + b * si_seq + p * si_tok, mask=isr_in, other=1.0).to(vz.dtype)
                 vi += tl.where(isr_in, _clamp(tl.log(isr), ln_low, LN_W_MAX), 0.0)
         if OFF_POLICY:
             samp = old
@@ -118,36 +130,40 @@ def _sequence_stats(
             okl += tl.where(on, m * d, 0.0)
     n = tl.maximum(tl.sum(cnt, axis=0), 1.0)
     R = tl.exp(tl.sum(lr, axis=0) / n)
-    ln_w = _clamp(tl.sum(vl, axis=0) + tl.sum(vi, axis=0), ln_low, LN_W_MAX)
-    return R, ln_w, tl.sum(okl, axis=0) / n
+    ln_w = tl.sum(vl, axis=0) + tl.sum(vi, axis=0)
+    if VESPO_ISR:  # a per-sequence IS ratio: its one entry
+        isr0 = tl.load(ISR + b * si_seq, mask=(b * 0 + isr_per_seq) != 0, other=1.0).to(vz.dtype)
+        ln_w += tl.where(isr_per_seq != 0, _clamp(tl.log(isr0), ln_low, LN_W_MAX), 0.0)
+    return R, _clamp(ln_w, ln_low, LN_W_MAX), tl.sum(okl, axis=0) / n
 
 
-@triton.jit(do_not_specialize=["T", "sab", "sat", "sib", "sit", "T_isr", "per_seq_flags", "phi_per_seq"])
+@triton.jit(do_not_specialize=["sa_seq", "sa_tok", "si_seq", "si_tok", "isr_per_seq", "per_seq_flags", "phi_per_seq"])
 def _sequence_kernel(
-    LOGP, ENT, DLOGP, PTL, KL, FLAGS, MASK, ADV, sab, sat, OLD, REF, ISR, sib, sit, T_isr, SAMP, PART, OUT, P, T,
-    per_seq_flags, phi_per_seq,
+    LOGP, ENT, DLOGP, PTL, KL, FLAGS, MASK, ADV, sa_seq, sa_tok, OLD, REF, ISR, si_seq, si_tok, isr_per_seq, SAMP,
+    PART, OUT, P, CU, per_seq_flags, phi_per_seq,
     TWO_PHASE: tl.constexpr, SEQ_LEVEL: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr,
     HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_ISR: tl.constexpr, HAS_DELTA: tl.constexpr,
     VESPO_ISR: tl.constexpr, OFF_POLICY: tl.constexpr, HAS_SAMP: tl.constexpr, ENT_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
+    start, end = _span(CU, b)
     offs = tl.arange(0, BLOCK_T)
     vz = tl.zeros([BLOCK_T], LOGP.dtype.element_ty)
     seql, cnt, ents, kls, lows, highs, regs, phis, bon, bon_n = vz, vz, vz, vz, vz, vz, vz, vz, vz, vz
     if TWO_PHASE:
         R, ln_w, mean_kl = _sequence_stats(
-            LOGP, MASK, OLD, ISR, sib, sit, T_isr, SAMP, P, b, T, vz,
+            LOGP, MASK, OLD, ISR, si_seq, si_tok, isr_per_seq, SAMP, P, b, start, end, vz,
             SEQ_LEVEL, LOSS == VESPO, HAS_OLD, VESPO_ISR, OFF_POLICY, HAS_SAMP, BLOCK_T,
         )  # fmt: skip
         near = (vz + mean_kl) <= tl.load(P + P_OPM)
         threshold = tl.load(OUT + O_THRESHOLD)
         s_r = vz
-        for t0 in range(0, T, BLOCK_T):
-            t, inb, p, m, on, logp = _token_block(LOGP, MASK, b, T, t0, vz, BLOCK_T)
+        for t0 in range(0, end - start, BLOCK_T):
+            p, inb, m, on, logp = _token_block(LOGP, MASK, start, end, t0, vz, BLOCK_T)
             ent = tl.load(ENT + p, mask=inb, other=0.0)
             adv, old, ref, isr = _load_inputs(
-                logp, b, t, p, inb, ADV, sab, sat, OLD, REF, ISR, sib, sit, HAS_OLD, HAS_KL, HAS_ISR
+                logp, b, p, p, inb, ADV, sa_seq, sa_tok, OLD, REF, ISR, si_seq, si_tok, HAS_OLD, HAS_KL, HAS_ISR
             )
             keep = vz + 1.0
             if OFF_POLICY:
@@ -185,26 +201,26 @@ def _sequence_kernel(
             tl.store(DLOGP + p, tl.where(on, m * g, 0.0), mask=inb)
         if SEQ_LEVEL:  # every token's share of the sequence ratio's gradient
             coef = tl.sum(s_r, axis=0) * R / tl.maximum(tl.sum(cnt, axis=0), 1.0)
-            for t0 in range(0, T, BLOCK_T):
-                t = t0 + offs
-                inb = t < T
-                p = b * T + t
+            for t0 in range(0, end - start, BLOCK_T):
+                p = start + t0 + offs
+                inb = p < end
                 m = tl.load(MASK + p, mask=inb, other=0).to(vz.dtype)
                 tl.store(DLOGP + p, tl.load(DLOGP + p, mask=inb, other=0.0) + m * coef, mask=inb)
-        adv0 = tl.load(ADV + b * sab).to(vz.dtype)
+        # the sequence's advantage (of its first token, 0 without one, as padding gives it)
+        has_adv = (start < end) | (start * 0 + sa_tok == 0)
+        adv0 = tl.load(ADV + b * sa_seq + start * sa_tok, mask=has_adv, other=0.0).to(vz.dtype)
         if per_seq_flags != 0:  # one flag per sequence (TRL's [B, 1] ratio with [B] advantages): not token-weighted
             one = vz + 1.0
             _, _, _, _, low0, high0 = _policy_terms(R, R, adv0, R, R, one, one, P, LOSS, HAS_DELTA, False, False)
             lows = tl.where(offs == 0, low0.to(vz.dtype), 0.0)
             highs = tl.where(offs == 0, high0.to(vz.dtype), 0.0)
             regs = tl.where(offs == 0, (low0 | high0).to(vz.dtype), 0.0)
-        if LOSS == VESPO and phi_per_seq != 0:  # TRL's [B, 1] weight: one per sequence, masked or not
+        if LOSS == VESPO and phi_per_seq != 0:  # TRL's [B, 1] weight of T > 1 tokens: one per sequence, masked or not
             phis = tl.where(offs == 0, _gamma(ln_w, adv0, P), 0.0)
     else:
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + offs
-            inb = t < T
-            p = b * T + t
+        for t0 in range(0, end - start, BLOCK_T):
+            p = start + t0 + offs
+            inb = p < end
             m = tl.load(MASK + p, mask=inb, other=0).to(vz.dtype)
             cnt += m
             seql += m * tl.load(PTL + p, mask=inb, other=0.0)
@@ -228,15 +244,17 @@ def _sequence_kernel(
     tl.store(out + C_BONUS_N, tl.sum(bon_n, axis=0))
 
 
-@triton.jit(do_not_specialize=["T"])
-def _count_kernel(MASK, PART, T, BLOCK_T: tl.constexpr):
+@triton.jit
+def _count_kernel(MASK, PART, CU, BLOCK_T: tl.constexpr):
     """The pre-pass of the single-phase path: each sequence's mask sum (its tokens, which the entropy bonus also
     counts), all the aggregation weights need before any token's gradient."""
     b = tl.program_id(0).to(tl.int64)
+    start, end = _span(CU, b)
     offs = tl.arange(0, BLOCK_T)
     cnt = tl.zeros([BLOCK_T], PART.dtype.element_ty)
-    for t0 in range(0, T, BLOCK_T):
-        cnt += tl.load(MASK + b * T + t0 + offs, mask=t0 + offs < T, other=0).to(cnt.dtype)
+    for t0 in range(0, end - start, BLOCK_T):
+        p = start + t0 + offs
+        cnt += tl.load(MASK + p, mask=p < end, other=0).to(cnt.dtype)
     tl.store(PART + b * N_PART + C_TOKENS, tl.sum(cnt, axis=0))
     tl.store(PART + b * N_PART + C_BONUS_N, tl.sum(cnt, axis=0))
 
@@ -265,7 +283,8 @@ def _finalize_kernel(
     PART, W, OUT, LOSS_PTR, P, SEQ_SCALE, NUM_ITEMS, B, num_items, per_seq_denom, phi_per_seq,
     LOSS: tl.constexpr, HAS_SCALE: tl.constexpr, NI_MODE: tl.constexpr, BLOCK_B: tl.constexpr,
 ):  # fmt: skip
-    """Aggregation weights ``W[b]`` (loss = sum_b W[b] * PART[b, loss]), the loss and the metrics."""
+    """Aggregation weights ``W[b]`` (loss = sum_b W[b] * PART[b, loss]), the loss, the metrics and each sequence's
+    clip fractions."""
     offs = tl.arange(0, BLOCK_B)
     vz = tl.zeros([BLOCK_B], PART.dtype.element_ty)
     cnt, ents, kls, lows, highs, regs, phis, bon, bon_n = vz, vz, vz, vz, vz, vz, vz, vz, vz
@@ -308,6 +327,12 @@ def _finalize_kernel(
             w = vz + 1.0 / nb
         tl.store(W + row, w, mask=inb)
         pol += tl.where(inb, w * tl.load(PART + row * N_PART + C_LOSS, mask=inb, other=0.0), 0.0)
+        # the sequence's clip fractions (a sequence without tokens: 0 / 0, NaN); one flag per sequence as it is
+        flags_per = tl.where(per_seq_denom != 0, 1.0, tokens)
+        low = tl.load(PART + row * N_PART + C_LOW, mask=inb, other=0.0)
+        high = tl.load(PART + row * N_PART + C_HIGH, mask=inb, other=0.0)
+        tl.store(PART + row * N_PART + C_LOW_RATIO, low / flags_per, mask=inb)
+        tl.store(PART + row * N_PART + C_HIGH_RATIO, high / flags_per, mask=inb)
     policy = tl.sum(pol, axis=0)
     coef = tl.load(P + P_ENT_COEF)
     bonus_n = tl.sum(bon_n, axis=0)

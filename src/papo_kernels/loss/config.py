@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from .._runtime import require
+from .._runtime import require, require_finite
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 """Every ``loss_type`` (TRL 1.16's): the one list, which ``papo_trl`` imports and the kernels number (``terms.py``)."""
@@ -101,27 +100,24 @@ class PolicyLossConfig:
             self.importance_sampling_level in IS_LEVELS,
             f"`importance_sampling_level` must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}",
         )
-        _finite("epsilon_low", self.epsilon_low)
+        require_finite("epsilon_low", self.epsilon_low)
         if self.epsilon_high is not None:
-            _finite("epsilon_high", self.epsilon_high)
+            require_finite("epsilon_high", self.epsilon_high)
         if self.delta is not None:
-            _finite("delta", self.delta)
-        _finite("beta", self.beta)
-        _finite("entropy_coef", self.entropy_coef)
-        _finite("temperature", self.temperature)
-        require(self.temperature > 0, f"`temperature` must be > 0, got {self.temperature}")
-        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
-            _finite(name, getattr(self, name))
-            require(getattr(self, name) > 0, f"`{name}` must be > 0, got {getattr(self, name)}")
+            require_finite("delta", self.delta)
+        require_finite("beta", self.beta)
+        require_finite("entropy_coef", self.entropy_coef)
+        for name in ("temperature", "sapo_temperature_pos", "sapo_temperature_neg"):
+            require_finite(name, getattr(self, name), 0, strict=True)
         for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
-            _finite(name, getattr(self, name))
-        _finite("top_entropy_quantile", self.top_entropy_quantile)
+            require_finite(name, getattr(self, name))
+        require_finite("top_entropy_quantile", self.top_entropy_quantile)
         require(
             0.0 <= self.top_entropy_quantile <= 1.0,
             f"`top_entropy_quantile` must lie in [0, 1], got {self.top_entropy_quantile}",
         )
         if self.off_policy_mask_threshold is not None:
-            _finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
+            require_finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
         if self.loss_type == "dr_grpo":
             require(
                 self.max_completion_length is not None and self.max_completion_length > 0,
@@ -160,13 +156,6 @@ class PolicyLossConfig:
         return cls(**values)
 
 
-def _finite(name: str, value) -> None:
-    require(
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        f"`{name}` must be a finite number, got {value!r}",
-    )
-
-
 class PolicyLossOutput(NamedTuple):
     """What the policy loss returns (:func:`~papo_kernels.policy_loss`, :func:`~papo_kernels.fused_linear_policy_loss`,
     :func:`~papo_kernels.loss.loss_from_logps`).
@@ -184,6 +173,13 @@ class PolicyLossOutput(NamedTuple):
         entropy_stats: ``[2]`` fp32, detached: the sum of the entropies over the tokens the entropy bonus acts on
             (the mask, times the high-entropy mask when ``top_entropy_quantile < 1``) and their count, the window
             statistics of TRL's adaptive entropy control.
+        sequence_clip_ratio: ``[B, 2]`` fp32, detached, for the clipped loss types (``None`` otherwise): per
+            sequence, the fraction of its tokens clipped below (``r < 1 - epsilon_low`` and ``A < 0``) and above
+            (``r > 1 + epsilon_high`` and ``A > 0``), ``r`` after the ``delta`` cap; NaN for a sequence without
+            tokens; the flag itself where the ratio is one per sequence (TRL's ``masked_seq_mean``, behind its
+            ``clip_ratio/low_min`` and ``clip_ratio/high_max``).
+        error: ``[1]`` int32 from the kernels: non-zero when an unmasked token's target id lies outside ``[0, V)``.
+            The kernels do not synchronise with the host to check it: :meth:`check` raises (CPU paths raise at once).
 
     Examples:
         >>> import torch
@@ -204,3 +200,11 @@ class PolicyLossOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]
     sequence_loss: torch.Tensor
     entropy_stats: torch.Tensor | None = None
+    sequence_clip_ratio: torch.Tensor | None = None
+    error: torch.Tensor | None = None
+
+    def check(self) -> None:
+        """Raise ``ValueError`` if the kernels flagged a target id outside ``[0, V)`` (one host sync on CUDA: call it
+        where the caller synchronises anyway, e.g. when logging)."""
+        if self.error is not None and bool(self.error.any()):
+            raise ValueError("`completion_ids` must lie in [0, V) (the vocabulary) for every unmasked token")

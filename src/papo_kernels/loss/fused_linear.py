@@ -12,8 +12,9 @@ coefficient, so they run two phases (the chunks are projected twice: four GEMMs 
 
 The logits are ``softcap(logit_scale * (h W^T + b)) / T`` as transformers computes them. A frozen head
 (``weight.requires_grad=False``, e.g. PEFT) gets no ``grad_W`` and no accumulator; tied embeddings need nothing
-special (autograd adds the two gradients). Masked tokens are never projected. One host sync a call: the target-id
-range check, which also counts the unmasked tokens.
+special (autograd adds the two gradients). Masked tokens are never projected. One host sync a call: the count of
+unmasked tokens, which sizes the chunks (the target ids' range is checked in the row kernel, see
+``PolicyLossOutput.check``).
 
 Logit bytes per chunk of C tokens (e bytes each): single phase ``5 C V e`` (G1 writes them, the row kernel reads
 them - twice, the second from L2 - and overwrites them with the gradient, G2 and G3 read it); two phases ``7 C V e``.
@@ -24,56 +25,44 @@ from __future__ import annotations
 
 import torch
 
-from .._runtime import check_same_device, check_tensor, kernels_available, require
+from .._runtime import check_same_device, check_tensor, is_number, kernels_available, require
 from .chunked import linear_gradients, token_rows
 from .config import PolicyLossConfig, PolicyLossOutput
-from .inputs import check_loss_inputs
+from .inputs import LossInputs, check_completion_ids
 from .launch import scale_rows
-from .logits import _check_grad_scale
-from .naive import naive_policy_loss
-from .plan import make_plan, output_from, scalar_tensor
+from .logits import check_grad_scale, grad_scale_tensor
+from .naive import naive_logits_loss
+from .plan import make_plan, output_from
 
 
-def live_tokens(completion_ids: torch.Tensor, completion_mask: torch.Tensor, vocab: int) -> int:
-    """The number of unmasked tokens, with the check that every target id lies in ``[0, V)``: one read-back."""
-    if completion_ids.numel() == 0:
-        return 0
-    stats = [completion_ids.min().long(), completion_ids.max().long(), (completion_mask != 0).sum()]
-    lo, hi, n = torch.stack(stats).tolist()
-    require(0 <= lo and hi < vocab, f"`completion_ids` must lie in [0, {vocab}), got values in [{lo}, {hi}]")
-    return n
+def live_tokens(completion_mask: torch.Tensor) -> int:
+    """The number of unmasked tokens, which sizes the chunks (the call's one read-back; the target ids' range is
+    checked in the row kernel)."""
+    return int((completion_mask != 0).sum()) if completion_mask.numel() else 0
 
 
 class FusedLinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
-                importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config, logit_scale,
-                softcap, chunk_size, grad_scale, n_valid, grad_enabled):  # fmt: skip
+    def forward(ctx, hidden, weight, bias, completion_ids, inputs: LossInputs, config, head: tuple[float, float | None],
+                chunk_size, grad_scale, n_valid, grad_enabled):  # fmt: skip
         device = hidden.device
         cd = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
         acc = torch.float64 if cd == torch.float64 else torch.float32
-        B, T = completion_ids.shape
+        B, T = inputs.shape
         D = hidden.shape[-1]
-        rows = None if n_valid == B * T else token_rows(completion_mask, n_valid)  # None: chunks are plain slices
-        plan = make_plan(
-            completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-            sequence_scale, num_items_in_batch, config, acc, device, logit_scale, softcap, zeroed=rows is not None,
-            sampling_logps=sampling_logps,
-        )  # fmt: skip
+        rows = None if n_valid == B * T else token_rows(inputs.completion_mask, n_valid)  # None: plain slices
+        plan = make_plan(completion_ids, inputs, config, acc, device, *head, zeroed=rows is not None)
         needs = tuple(bool(grad_enabled and n) for n in ctx.needs_input_grad[:3])
         needs = (needs[0], needs[1], needs[2] and bias is not None)
-        if isinstance(grad_scale, torch.Tensor):
-            gs = grad_scale.detach().to(acc).reshape(1)
-        else:
-            gs = scalar_tensor(grad_scale, acc, device)
+        gs = grad_scale_tensor(grad_scale, acc, device)
         with torch.autocast(device.type, enabled=False):
             dh, dw, db = linear_gradients(
                 plan, hidden.reshape(B * T, D), weight, bias, rows, n_valid, cd, needs, gs, chunk_size
             )
         ctx.grads = (None if dh is None else dh.view(hidden.shape), dw, db, gs)
-        logps, entropy, seq = plan.logp.view(B, T), plan.ent.view(B, T), plan.sequence_loss()
-        ctx.mark_non_differentiable(logps, entropy, seq, plan.out)
-        return plan.loss, logps, entropy, seq, plan.out
+        logps, entropy = plan.logp.view(B, T), plan.ent.view(B, T)
+        ctx.mark_non_differentiable(logps, entropy, plan.part, plan.out, plan.err)
+        return plan.loss, logps, entropy, plan.part, plan.out, plan.err
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -86,7 +75,7 @@ class FusedLinearPolicyLossFunction(torch.autograd.Function):
         for g in grads:
             if g is not None:
                 scale_rows(g.view(1, -1, g.shape[-1]), go, gs)
-        return (*grads,) + (None,) * 16
+        return (*grads,) + (None,) * 8
 
 
 def fused_linear_policy_loss(
@@ -103,6 +92,7 @@ def fused_linear_policy_loss(
     sampling_logps: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | float | None = None,
     sequence_scale: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
     chunk_size: int | None = None,
@@ -110,7 +100,8 @@ def fused_linear_policy_loss(
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
 ) -> PolicyLossOutput:
     """``policy_loss`` on ``logits = softcap(logit_scale * (hidden @ weight^T + bias)) / temperature`` without
-    materialising them: ``hidden[B, T, D]`` (position ``t`` predicts ``completion_ids[b, t]``), ``weight[V, D]``.
+    materialising them: ``hidden[B, T, D]`` (position ``t`` predicts ``completion_ids[b, t]``), ``weight[V, D]``;
+    :func:`linear_loss` is the same on :class:`~papo_kernels.loss.LossInputs`.
 
     ``chunk_size`` caps the tokens per chunk; by default a chunk is as large as keeps the peak memory at or below
     TRL's chunked path (``chunked.chunk_limit``). The gradients are computed in the forward for the upstream gradient
@@ -122,11 +113,11 @@ def fused_linear_policy_loss(
         hidden: ``[B, T, D]`` final hidden states; ``hidden[b, t]`` predicts ``completion_ids[b, t]``.
         weight: ``[V, D]`` the LM head (tied or not; a frozen head gets no gradient).
         completion_ids: ``[B, T]`` integer targets in ``[0, V)``.
-        completion_mask: ``[B, T]`` 1 for the tokens in the loss; masked tokens cost no matmul.
-        advantages: ``[B]`` or ``[B, T]``.
+        completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
+            num_items_in_batch, sequence_scale, cu_seqlens: the fields of :class:`~papo_kernels.loss.LossInputs`
+            (``completion_mask``: masked tokens cost no matmul; ``old_logps=None``: on-policy; ``cu_seqlens``: the
+            sequences packed into one row, ``hidden[1, N, D]``).
         bias: ``[V]`` or ``None``.
-        old_logps, ref_logps, importance_sampling_ratio, sampling_logps, num_items_in_batch, sequence_scale: the
-            optional inputs, as in :func:`~papo_kernels.loss.loss_from_logps` (``old_logps=None``: on-policy).
         logit_scale: multiplies the head's output (Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``).
         final_logit_softcapping: ``c * tanh(z / c)`` after the scale (Gemma 2), or ``None``.
         chunk_size: the most tokens per chunk; ``None`` chooses it from the memory budget.
@@ -154,6 +145,22 @@ def fused_linear_policy_loss(
         >>> hidden.grad[1, 2]  # a masked token
         tensor([0., 0., 0., 0.], dtype=torch.float64)
     """
+    inputs = LossInputs(
+        completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
+        num_items_in_batch, sequence_scale, cu_seqlens,
+    )  # fmt: skip
+    return linear_loss(
+        hidden, weight, completion_ids, inputs, config, bias=bias, logit_scale=logit_scale,
+        final_logit_softcapping=final_logit_softcapping, chunk_size=chunk_size, grad_scale=grad_scale,
+    )  # fmt: skip
+
+
+def linear_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, completion_ids: torch.Tensor, inputs: LossInputs,
+    config: PolicyLossConfig, *, bias: torch.Tensor | None = None, logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None, chunk_size: int | None = None, grad_scale: float | torch.Tensor = 1.0,
+) -> PolicyLossOutput:  # fmt: skip
+    """:func:`fused_linear_policy_loss` on :class:`~papo_kernels.loss.LossInputs`."""
     check_tensor("hidden", hidden, ndim=3, floating=True)
     check_tensor("weight", weight, ndim=2, floating=True)
     require(weight.shape[1] == hidden.shape[-1], f"`weight` must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
@@ -162,41 +169,27 @@ def fused_linear_policy_loss(
         require(
             bias.shape[0] == weight.shape[0], f"`bias` must have shape ({weight.shape[0]},), got {tuple(bias.shape)}"
         )
-    require(
-        tuple(completion_ids.shape) == tuple(hidden.shape[:2]),
-        f"`completion_ids` must have shape {tuple(hidden.shape[:2])}, got {tuple(completion_ids.shape)}",
-    )
-    require(
-        not completion_ids.is_floating_point(),
-        f"`completion_ids` must be an integer tensor, got {completion_ids.dtype}",
-    )
-    require(float(logit_scale) > 0, f"`logit_scale` must be > 0, got {logit_scale}")
+    check_completion_ids(completion_ids, hidden.shape[:2])
+    require(is_number(logit_scale) and logit_scale > 0, "`logit_scale` must be > 0, got {}", logit_scale)
     require(
         final_logit_softcapping is None or final_logit_softcapping > 0,
         f"`final_logit_softcapping` must be None or > 0, got {final_logit_softcapping}",
     )
     require(chunk_size is None or int(chunk_size) >= 1, f"`chunk_size` must be a positive int, got {chunk_size}")
     check_same_device(hidden=hidden, weight=weight, bias=bias, completion_ids=completion_ids)
-    check_loss_inputs(
-        completion_ids.shape, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-        sequence_scale, config.beta, sampling_logps,
-    )  # fmt: skip
-    _check_grad_scale(grad_scale, hidden)
-    n_valid = live_tokens(completion_ids, completion_mask, weight.shape[0])
-    kwargs = dict(
-        old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-        sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
-    )  # fmt: skip
+    inputs.check_tokens("hidden", hidden.shape[:2])
+    inputs.check_config(config.beta)
+    check_grad_scale(grad_scale, hidden)
     if not kernels_available(hidden):
         logits = linear_logits(hidden, weight, bias, logit_scale, final_logit_softcapping)
-        return naive_policy_loss(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
-    loss, logps, entropy, seq, out = FusedLinearPolicyLossFunction.apply(
-        hidden, weight, bias, completion_ids, completion_mask, advantages, old_logps, ref_logps,
-        importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config, float(logit_scale),
-        None if final_logit_softcapping is None else float(final_logit_softcapping), chunk_size, grad_scale, n_valid,
-        torch.is_grad_enabled(),
+        return naive_logits_loss(logits, completion_ids, inputs, config)
+    n_valid = live_tokens(inputs.completion_mask)
+    softcap = None if final_logit_softcapping is None else float(final_logit_softcapping)
+    loss, logps, entropy, part, out, err = FusedLinearPolicyLossFunction.apply(
+        hidden, weight, bias, completion_ids, inputs, config, (float(logit_scale), softcap), chunk_size, grad_scale,
+        n_valid, torch.is_grad_enabled(),
     )  # fmt: skip
-    return output_from(loss, logps, entropy, seq, out, config)
+    return output_from(loss, logps, entropy, part, out, err, config)
 
 
 def linear_logits(hidden, weight, bias=None, logit_scale: float = 1.0, softcap: float | None = None):

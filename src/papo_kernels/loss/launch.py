@@ -19,14 +19,19 @@ of a row hits L2; blocks of up to ``MAX_BLOCK_V`` logits, 16 per thread at 16 wa
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from .batch import _count_kernel, _finalize_kernel, _quantile_kernel, _sequence_kernel
 from .plan import Plan
 from .rows import _rows, _scale_rows
+from .split import split_rows
 from .terms import LOSS_IDS, O_ENT_W
 
+ROW_KERNEL = os.environ.get("PAPO_ROW_KERNEL", "rows")
+"""The single-phase pass's kernel: ``rows`` (a program per row, the measured default), ``split`` (``split.py``: a row
+split over programs that meet at a barrier, one read) or ``split-reread`` (the same, the slice read again from L2)."""
 MAX_BLOCK_V = 8192  # vocabulary block of the row kernel
 SMALL_V, SMALL_BLOCK = 1 << 18, 1024  # rows up to SMALL_V logits: one warp, blocks of SMALL_BLOCK, a program per row
 L2_SHARE = 0.6  # of the L2 the rows in flight of a fused pass may take
@@ -97,8 +102,8 @@ def _launch_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, rows, dx, sdb, sdt,
     _rows[(programs(x, n_rows, warps, reuse),)](
         x, sxb, sxt, T_x, row0, n_rows, _or(rows, dummy), _or(dx, x), sdb, sdt, plan.ids, plan.mask, V, plan.T,
         plan.params, _or(gs, dummy), plan.logp, plan.ent, plan.rmax, plan.log2s, plan.dlogp, plan.ptl, plan.kl,
-        plan.flags, plan.w, plan.out[O_ENT_W.value :], plan.adv, a0, a1, _or(plan.old, dummy), _or(plan.ref, dummy),
-        _or(plan.isr, dummy), i0, i1,
+        plan.flags, plan.w, plan.out[O_ENT_W.value :], plan.err, plan.adv, a0, a1, _or(plan.old, dummy),
+        _or(plan.ref, dummy), _or(plan.isr, dummy), i0, i1,
         STATS=stats, GRAD=grad, TERMS=not plan.two_phase, HAS_SOFTCAP=plan.softcap, HAS_ROWS=rows is not None,
         ALIGNED=_aligned(sxb, sxt, sdb, sdt), ENT_GRAD=plan.cfg.entropy_coef != 0.0, ENT_MASK=plan.ent_mask,
         BLOCK=block, LANES=warps > 1, num_warps=warps, **plan.flags_kw(),
@@ -118,48 +123,56 @@ def grad_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: int
 
 def fused_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: int, gs, rows=None) -> None:
     """Single phase, one launch: the rows' statistics and loss terms, and ``gs * dL/dx`` into ``dx`` (may be
-    ``x``); needs the aggregation weights first (:func:`prepare_weights`)."""
+    ``x``); needs the aggregation weights first (:func:`prepare_weights`). The split-row kernel where
+    :data:`ROW_KERNEL` asks for it and the grid can be made co-resident, else the row kernel."""
     assert not plan.two_phase
+    if ROW_KERNEL != "rows" and split_rows(
+        plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb, sdt, gs, rows, reread=ROW_KERNEL == "split-reread"
+    ):
+        return
     _launch_rows(plan, x, sxb, sxt, T_x, row0, n_rows, rows, dx, sdb, sdt, gs, True, True)
 
 
 def prepare_weights(plan: Plan) -> None:
     """The single-phase pre-pass: per-sequence token counts, then the aggregation and entropy-bonus weights."""
-    _count_kernel[(plan.B,)](plan.mask, plan.part, plan.T, BLOCK_T=BLOCK_T)
+    _count_kernel[(plan.seqs.n,)](plan.mask, plan.part, plan.seqs.cu, BLOCK_T=BLOCK_T)
     finalize(plan)
 
 
 def sequence_and_finalize(plan: Plan) -> None:
     """(High-entropy threshold,) per-sequence sums and two-phase coefficients, then weights, loss and metrics."""
-    a0, a1 = plan.adv_strides
-    i0, i1 = plan.isr_strides
+    seqs = plan.seqs
     dummy = plan.logp
     if plan.ent_mask:
         keys = torch.where(plan.mask.view(-1) != 0, plan.ent.float(), float("inf")).sort().values
         _quantile_kernel[(1,)](keys, plan.mask, plan.out, plan.params, plan.B * plan.T, BLOCK=BLOCK_N)
-    one_per_seq = plan.seq_level and plan.adv.dim() == 1
+    one_per_seq = plan.seq_level and seqs.adv.dim() == 1
     c = plan.cfg
-    _sequence_kernel[(plan.B,)](
-        plan.logp, plan.ent, plan.dlogp, plan.ptl, plan.kl, plan.flags, plan.mask, plan.adv, a0, a1,
-        _or(plan.old, dummy), _or(plan.ref, dummy), _or(plan.isr, dummy), i0, i1,
-        1 if plan.isr is None else plan.isr.shape[1], _or(plan.samp, dummy), plan.part, plan.out, plan.params,
-        plan.T, int(one_per_seq and plan.T > 1), int(plan.adv.dim() == 1 or plan.T == 1),
-        TWO_PHASE=plan.two_phase, SEQ_LEVEL=plan.seq_level, VESPO_ISR=plan.isr is not None and c.loss_type == "vespo",
+    _sequence_kernel[(seqs.n,)](
+        plan.logp, plan.ent, plan.dlogp, plan.ptl, plan.kl, plan.flags, plan.mask, seqs.adv, *seqs.adv_strides,
+        _or(plan.old, dummy), _or(plan.ref, dummy), _or(seqs.isr, dummy), *seqs.isr_strides, int(seqs.isr_per_seq),
+        _or(plan.samp, dummy), plan.part, plan.out, plan.params, seqs.cu, int(one_per_seq and seqs.width > 1),
+        int(seqs.adv.dim() == 1 and seqs.width > 1),
+        TWO_PHASE=plan.two_phase, SEQ_LEVEL=plan.seq_level, VESPO_ISR=seqs.isr is not None and c.loss_type == "vespo",
         OFF_POLICY=c.off_policy_mask_threshold is not None, HAS_SAMP=plan.samp is not None, ENT_MASK=plan.ent_mask,
         BLOCK_T=BLOCK_T, **plan.flags_kw(),
     )  # fmt: skip
-    finalize(plan, per_seq_denom=one_per_seq or plan.T == 1)
+    finalize(plan, per_seq_denom=one_per_seq or seqs.width == 1)
 
 
 def finalize(plan: Plan, per_seq_denom: bool = False) -> None:
+    """Aggregation weights (spread over the tokens of a packed batch), loss and metrics from the per-sequence sums."""
+    seqs = plan.seqs
     ni = plan.num_items
     ni_mode = 0 if ni is None else (2 if isinstance(ni, torch.Tensor) else 1)
     _finalize_kernel[(1,)](
-        plan.part, plan.w, plan.out, plan.loss, plan.params,
-        plan.seq_scale if plan.seq_scale is not None else plan.w, ni if ni_mode == 2 else plan.w,
-        plan.B, float(ni) if ni_mode == 1 else 0.0, int(per_seq_denom), int(plan.adv.dim() == 1 or plan.T == 1),
+        plan.part, seqs.w, plan.out, plan.loss, plan.params,
+        plan.seq_scale if plan.seq_scale is not None else seqs.w, ni if ni_mode == 2 else seqs.w,
+        seqs.n, float(ni) if ni_mode == 1 else 0.0, int(per_seq_denom), int(seqs.adv.dim() == 1 or seqs.width == 1),
         LOSS=LOSS_IDS[plan.cfg.loss_type], HAS_SCALE=plan.seq_scale is not None, NI_MODE=ni_mode, BLOCK_B=BLOCK_B,
     )  # fmt: skip
+    if seqs.token_seq is not None:
+        torch.index_select(seqs.w, 0, seqs.token_seq, out=plan.w)
 
 
 def scale_rows(dx: torch.Tensor, grad_output: torch.Tensor, gs: torch.Tensor) -> None:

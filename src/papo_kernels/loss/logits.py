@@ -1,8 +1,9 @@
 """Fused policy loss over materialised logits: ``policy_loss`` and its ``torch.autograd.Function``.
 
 The gradient is written during the forward (``launch.py``): single phase, one launch reads each unmasked row of
-``logits[B, T, V]`` once for its statistics and once more from L2 to write ``dlogits``; two phases (batch-wide
-statistics), a statistics pass, O(B*T) kernels, then a gradient pass. With ``inplace_grad=True`` the gradient
+``logits[B, T, V]`` once for its statistics and once more to write ``dlogits`` (from L2 only if few rows are in
+flight; the split-row kernel, ``split.py``, reads it once); two phases (batch-wide statistics), a statistics pass,
+O(B*T) kernels, then a gradient pass. With ``inplace_grad=True`` the gradient
 overwrites the logits during the forward. The backward returns that gradient, rescaled on the device only if the
 upstream gradient differs from the announced ``grad_scale``. Arithmetic is fp32 in registers (fp64 for fp64
 logits), I/O in the logits' dtype. CPU tensors without the Triton interpreter use the torch reference.
@@ -27,16 +28,14 @@ fp32 keys); out of place the gradient buffer is the one autograd would hold anyw
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .._runtime import kernels_available, require
+from .._runtime import is_number, kernels_available, require
 from .config import PolicyLossConfig, PolicyLossOutput
-from .inputs import check_logits_inputs, check_loss_inputs
+from .inputs import LossInputs, check_logits_inputs
 from .launch import fused_rows, grad_rows, prepare_weights, scale_rows, sequence_and_finalize, stats_rows
-from .naive import naive_policy_loss
+from .naive import naive_logits_loss
 from .plan import Plan, make_plan, output_from, scalar_tensor
 
 
@@ -59,28 +58,19 @@ class PolicyLossFunction(torch.autograd.Function):
     """``loss = policy_loss(logits, ...)``; the gradient is computed in the forward, the backward only scales it."""
 
     @staticmethod
-    def forward(ctx, logits, completion_ids, completion_mask, advantages, old_logps, ref_logps,
-                importance_sampling_ratio, sampling_logps, sequence_scale, num_items_in_batch, config,
-                inplace_grad, grad_scale):  # fmt: skip
+    def forward(ctx, logits, completion_ids, inputs: LossInputs, config, inplace_grad, grad_scale):
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        plan = make_plan(
-            completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-            sequence_scale, num_items_in_batch, config, acc, logits.device, sampling_logps=sampling_logps,
-        )  # fmt: skip
+        plan = make_plan(completion_ids, inputs, config, acc, logits.device)
         dx = gs = None
         if ctx.needs_input_grad[0]:
             dx = logits if inplace_grad else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            if isinstance(grad_scale, torch.Tensor):
-                gs = grad_scale.detach().to(acc).reshape(1)
-            else:
-                gs = scalar_tensor(grad_scale, acc, logits.device)
+            gs = grad_scale_tensor(grad_scale, acc, logits.device)
         run_forward(plan, logits, dx, gs)
         ctx.grad = (dx, gs)
         logps = plan.logp.view(plan.B, plan.T)
         entropy = plan.ent.view(plan.B, plan.T)
-        seq = plan.sequence_loss()
-        ctx.mark_non_differentiable(logps, entropy, seq, plan.out)
-        return plan.loss, logps, entropy, seq, plan.out
+        ctx.mark_non_differentiable(logps, entropy, plan.part, plan.out, plan.err)
+        return plan.loss, logps, entropy, plan.part, plan.out, plan.err
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -88,19 +78,22 @@ class PolicyLossFunction(torch.autograd.Function):
         require(dx is not None, "policy_loss: the gradient was handed out once; it has no second backward")
         ctx.grad = (None, None)
         scale_rows(dx, grad_loss.detach().to(gs.dtype).reshape(1), gs)
-        return (dx,) + (None,) * 12
+        return dx, None, None, None, None, None
 
 
 def policy_loss(
     logits: Tensor, completion_ids: Tensor, completion_mask: Tensor, advantages: Tensor, *,
     old_logps: Tensor | None = None, ref_logps: Tensor | None = None, importance_sampling_ratio: Tensor | None = None,
     sampling_logps: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
-    sequence_scale: Tensor | None = None, inplace_grad: bool = False, grad_scale: float | Tensor = 1.0,
+    sequence_scale: Tensor | None = None, cu_seqlens: Tensor | None = None, inplace_grad: bool = False,
+    grad_scale: float | Tensor = 1.0,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
 ) -> PolicyLossOutput:  # fmt: skip
-    """TRL 1.16's GRPO-family loss of one micro-batch from ``logits[B, T, V]``: the Triton kernels where
-    :func:`~papo_kernels.kernels_available`, else the torch reference (:func:`~papo_kernels.loss.naive_policy_loss`).
-    See :class:`~papo_kernels.PolicyLossConfig` for the semantics.
+    """TRL 1.16's GRPO-family loss of one micro-batch from ``logits[B, T, V]`` (``[1, N, V]`` packed): the Triton
+    kernels where :func:`~papo_kernels.kernels_available`, else the torch reference
+    (:func:`~papo_kernels.loss.naive_policy_loss`).
+    See :class:`~papo_kernels.PolicyLossConfig` for the semantics; :func:`logits_loss` is the same on
+    :class:`~papo_kernels.loss.LossInputs`.
 
     The gradient w.r.t. ``logits`` is computed in the forward when ``logits`` requires it, for the upstream
     gradient ``grad_scale``: the backward then costs nothing; another upstream gradient costs one more pass over the
@@ -110,10 +103,10 @@ def policy_loss(
         logits: ``[B, T, V]``, any floating dtype; ``logits[b, t]`` predicts ``completion_ids[b, t]`` (the caller
             shifts).
         completion_ids: ``[B, T]`` integer targets in ``[0, V)``.
-        completion_mask: ``[B, T]`` 1 for the tokens in the loss; masked rows are never read.
-        advantages: ``[B]`` or ``[B, T]``.
-        old_logps, ref_logps, importance_sampling_ratio, sampling_logps, num_items_in_batch, sequence_scale: the
-            optional inputs, as in :func:`~papo_kernels.loss.loss_from_logps` (``old_logps=None``: on-policy).
+        completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
+            num_items_in_batch, sequence_scale, cu_seqlens: the fields of :class:`~papo_kernels.loss.LossInputs`
+            (``completion_mask``: masked rows are never read; ``old_logps=None``: on-policy; ``cu_seqlens``: the
+            sequences packed into one row).
         inplace_grad: the forward overwrites ``logits`` with the gradient (masked rows with zeros): no gradient
             buffer, but do not read the logits after the call.
         grad_scale: the upstream gradient the gradient is computed for (a number or a one-element tensor on the
@@ -138,37 +131,51 @@ def policy_loss(
         >>> logits.grad[1, 2]  # a masked token
         tensor([0., 0., 0., 0., 0.])
     """
+    inputs = LossInputs(
+        completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
+        num_items_in_batch, sequence_scale, cu_seqlens,
+    )  # fmt: skip
+    return logits_loss(logits, completion_ids, inputs, config, inplace_grad=inplace_grad, grad_scale=grad_scale)
+
+
+def logits_loss(
+    logits: Tensor, completion_ids: Tensor, inputs: LossInputs, config: PolicyLossConfig, *,
+    inplace_grad: bool = False, grad_scale: float | Tensor = 1.0,
+) -> PolicyLossOutput:  # fmt: skip
+    """:func:`policy_loss` on :class:`~papo_kernels.loss.LossInputs`."""
     check_logits_inputs(logits, completion_ids)
-    check_loss_inputs(
-        completion_ids.shape, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-        sequence_scale, config.beta, sampling_logps,
-    )  # fmt: skip
-    _check_grad_scale(grad_scale, logits)
-    kwargs = dict(
-        old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-        sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, sequence_scale=sequence_scale,
-    )  # fmt: skip
+    inputs.check_tokens("logits", logits.shape[:2])
+    inputs.check_config(config.beta)
+    check_grad_scale(grad_scale, logits)
     if not kernels_available(logits):
-        return naive_policy_loss(logits, completion_ids, completion_mask, advantages, config=config, **kwargs)
+        return naive_logits_loss(logits, completion_ids, inputs, config)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    loss, logps, entropy, seq, out = PolicyLossFunction.apply(
-        logits, completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-        sampling_logps, sequence_scale, num_items_in_batch, config, inplace_grad, grad_scale,
-    )  # fmt: skip
-    return output_from(loss, logps, entropy, seq, out, config)
+    if inputs.packed:  # the row kernel's view of the one packed row: a row per token
+        logits = logits[0].unsqueeze(1)
+    loss, logps, entropy, part, out, err = PolicyLossFunction.apply(
+        logits, completion_ids, inputs, config, inplace_grad, grad_scale
+    )
+    return output_from(loss, logps.view(inputs.shape), entropy.view(inputs.shape), part, out, err, config)
 
 
-def _check_grad_scale(grad_scale, logits: torch.Tensor) -> None:
+def check_grad_scale(grad_scale, where: torch.Tensor) -> None:
+    """``grad_scale``: a finite non-zero number, or a one-element floating tensor on ``where``'s device."""
     if isinstance(grad_scale, torch.Tensor):
         require(
-            grad_scale.numel() == 1 and grad_scale.is_floating_point() and grad_scale.device == logits.device,
-            f"`grad_scale` must be a one-element floating tensor on {logits.device}, got {grad_scale.dtype} "
+            grad_scale.numel() == 1 and grad_scale.is_floating_point() and grad_scale.device == where.device,
+            f"`grad_scale` must be a one-element floating tensor on {where.device}, got {grad_scale.dtype} "
             f"{tuple(grad_scale.shape)} on {grad_scale.device}",
         )
         return
     require(
-        isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool) and math.isfinite(grad_scale)
-        and grad_scale != 0,
-        f"`grad_scale` must be a finite non-zero number (the upstream gradient of the loss), got {grad_scale!r}",
+        is_number(grad_scale) and grad_scale != 0,
+        "`grad_scale` must be a finite non-zero number (the upstream gradient of the loss), got {!r}", grad_scale,
     )  # fmt: skip
+
+
+def grad_scale_tensor(grad_scale: float | torch.Tensor, acc: torch.dtype, device) -> torch.Tensor:
+    """``grad_scale`` as the one-element tensor of the arithmetic dtype that the kernels and the backward read."""
+    if isinstance(grad_scale, torch.Tensor):
+        return grad_scale.detach().to(acc).reshape(1)
+    return scalar_tensor(grad_scale, acc, device)

@@ -17,7 +17,8 @@ quantile of the batch's token entropies, TRL's fp32 ``torch.quantile``), times t
 (not for ``vespo``, whose ``w`` holds it), plus ``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1``
 (times ``r`` with ``use_bias_correction_kl``). The per-sequence masked sums are aggregated per ``loss_type`` (or
 weighted by ``sequence_scale``), and the entropy bonus ``entropy_coef * mean entropy`` over the tokens the policy
-term keeps is subtracted. Arithmetic runs in fp32, or fp64 for fp64 inputs.
+term keeps is subtracted. Arithmetic runs in fp32, or fp64 for fp64 inputs. Packed sequences (``cu_seqlens``) are
+the same sequences padded: the reference pads them and reads the per-token outputs back.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from .._runtime import check_tensor, compute_dtype, require
 from .config import VESPO_IS_RATIO_MIN, VESPO_LAMBDA_MIN, VESPO_LN_W_MAX, PolicyLossConfig, PolicyLossOutput
-from .inputs import check_logits_inputs, check_loss_inputs
+from .inputs import LossInputs, check_ids, check_logits_inputs, pad_tokens
 
 
 def token_logps_and_entropy(
@@ -65,26 +66,18 @@ def loss_from_logps(
     per_token_logps: Tensor, entropy: Tensor, completion_mask: Tensor, advantages: Tensor, *,
     old_logps: Tensor | None = None, ref_logps: Tensor | None = None, importance_sampling_ratio: Tensor | None = None,
     sampling_logps: Tensor | None = None, num_items_in_batch: Tensor | float | None = None,
-    sequence_scale: Tensor | None = None,
+    sequence_scale: Tensor | None = None, cu_seqlens: Tensor | None = None,
     config: PolicyLossConfig = PolicyLossConfig(),  # noqa: B008 (frozen, immutable default)
 ) -> PolicyLossOutput:  # fmt: skip
     """The policy loss from per-token log-probs and entropies (both differentiable): the torch path of
-    ``PAPOTrainer`` when the fused loss does not run, and the reference of the kernels.
+    ``PAPOTrainer`` when the fused loss does not run, and the reference of the kernels. The keyword form of
+    :func:`logps_loss`.
 
     Args:
         per_token_logps: ``[B, T]`` log-probs of the completion tokens under the policy.
         entropy: ``[B, T]`` the policy's entropy at each token.
-        completion_mask: ``[B, T]`` 1 for the tokens in the loss (any dtype; bool too).
-        advantages: ``[B]`` (one per sequence) or ``[B, T]``.
-        old_logps: ``[B, T]`` log-probs of the policy that sampled (the ratio's denominator); ``None``: on-policy,
-            ``old = logps.detach()`` (ratio 1, with its gradient).
-        ref_logps: ``[B, T]`` log-probs of the reference model, for the KL term (required when ``config.beta != 0``).
-        importance_sampling_ratio: ``[B, T]`` or ``[B, 1]`` vLLM's importance-sampling weight (VESPO: folded into
-            its sequence ratio).
-        sampling_logps: ``[B, T]`` the sampler's log-probs, for the off-policy mask only; ``None``: ``old_logps``.
-        num_items_in_batch: the ``dapo``/``cispo``/``vespo`` normaliser; ``None``: the mask's token count.
-        sequence_scale: ``[B]`` per-sequence weights replacing the ``loss_type`` aggregation
-            (``loss = sum_b scale_b * sum_t m_bt loss_bt``; DARO's ``w_k / T_k``), detached.
+        completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
+            num_items_in_batch, sequence_scale, cu_seqlens: the fields of :class:`~papo_kernels.loss.LossInputs`.
         config: the hyper-parameters, :class:`~papo_kernels.PolicyLossConfig`.
 
     Returns:
@@ -102,16 +95,33 @@ def loss_from_logps(
         >>> out.sequence_loss
         tensor([-2.,  1.])
     """
+    inputs = LossInputs(
+        completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio, sampling_logps,
+        num_items_in_batch, sequence_scale, cu_seqlens,
+    )  # fmt: skip
+    return logps_loss(per_token_logps, entropy, inputs, config)
+
+
+def logps_loss(per_token_logps: Tensor, entropy: Tensor, inputs: LossInputs, config: PolicyLossConfig):
+    """:func:`loss_from_logps` on :class:`~papo_kernels.loss.LossInputs`."""
     check_tensor("per_token_logps", per_token_logps, ndim=2, floating=True)
     check_tensor("entropy", entropy, ndim=2, floating=True)
     require(
         entropy.shape == per_token_logps.shape,
         f"`entropy` must have shape {tuple(per_token_logps.shape)}, got {tuple(entropy.shape)}",
     )
-    check_loss_inputs(
-        per_token_logps.shape, completion_mask, advantages, old_logps, ref_logps,
-        importance_sampling_ratio, sequence_scale, config.beta, sampling_logps,
-    )  # fmt: skip
+    inputs.check_tokens("per_token_logps", per_token_logps.shape)
+    inputs.check_config(config.beta)
+    if inputs.packed:  # the same sequences padded (see LossInputs); the per-token outputs read back
+        padded, index = inputs.padded()
+        pad = lambda x: pad_tokens(x, index, padded.shape)  # noqa: E731
+        out = logps_loss(pad(per_token_logps), pad(entropy), padded, config)
+        unpad = lambda x: x.reshape(-1)[index].view(inputs.shape)  # noqa: E731
+        return out._replace(per_token_logps=unpad(out.per_token_logps), entropy=unpad(out.entropy))
+    completion_mask, advantages = inputs.completion_mask, inputs.advantages
+    old_logps, ref_logps, sampling_logps = inputs.old_logps, inputs.ref_logps, inputs.sampling_logps
+    importance_sampling_ratio, sequence_scale = inputs.importance_sampling_ratio, inputs.sequence_scale
+    num_items_in_batch = inputs.num_items_in_batch
     dtype = compute_dtype(per_token_logps)
     logps = per_token_logps.to(dtype)
     mask = completion_mask.to(dtype)
@@ -191,15 +201,22 @@ def loss_from_logps(
             return (x * mask if mask.shape[1] == 1 else x).sum() / max(B, 1)
         return (x * mask).sum() / count.clamp(min=1.0)
 
+    def sequence_mean(x: torch.Tensor) -> torch.Tensor:  # TRL's masked_seq_mean of a clip flag
+        if x.shape[1] == 1:
+            return (x * mask if mask.shape[1] == 1 else x).squeeze(1)
+        return (x * mask).sum(-1) / mask.sum(-1)
+
     metrics = {"entropy": entropy_mean.detach()}
+    sequence_clip_ratio = None
     if kl is not None:
         metrics["kl"] = (kl.detach() * mask).sum() / count.clamp(min=1.0)
     if config.clipped:
-        low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype)
-        high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(dtype)
+        low = ((coef_1 < 1 - eps_low) & (adv < 0)).to(dtype).detach()
+        high = ((coef_1 > 1 + eps_high) & (adv > 0)).to(dtype).detach()
         metrics["clip_ratio/low_mean"] = masked_mean(low)
         metrics["clip_ratio/high_mean"] = masked_mean(high)
         metrics["clip_ratio/region_mean"] = masked_mean(torch.maximum(low, high))
+        sequence_clip_ratio = torch.stack([sequence_mean(low), sequence_mean(high)], dim=-1)
     elif config.loss_type == "cispo":
         metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > eps_high) & (adv > 0)).to(dtype).detach())
     elif config.loss_type == "vespo":
@@ -214,6 +231,7 @@ def loss_from_logps(
         metrics=metrics,
         sequence_loss=sequence_loss.detach(),
         entropy_stats=torch.stack([bonus_sum, bonus_count]).detach(),
+        sequence_clip_ratio=sequence_clip_ratio,
     )
 
 
@@ -267,7 +285,7 @@ def naive_policy_loss(
         logits: ``[B, T, V]``; ``logits[b, t]`` predicts ``completion_ids[b, t]``.
         completion_ids, completion_mask, advantages: as for :func:`~papo_kernels.policy_loss`.
         config: the hyper-parameters (``config.temperature`` divides the logits).
-        **kwargs: the optional inputs of :func:`loss_from_logps` (``old_logps``, ``ref_logps``, ...).
+        **kwargs: the optional fields of :class:`~papo_kernels.loss.LossInputs` (``old_logps``, ``ref_logps``, ...).
 
     Returns:
         :class:`~papo_kernels.PolicyLossOutput`, as :func:`~papo_kernels.policy_loss` returns it.
@@ -281,6 +299,15 @@ def naive_policy_loss(
         >>> logits.grad[0, 0]  # dapo: -A * d logp / dz / 2 tokens
         tensor([-0.7500,  0.2500,  0.2500,  0.2500])
     """
+    return naive_logits_loss(logits, completion_ids, LossInputs(completion_mask, advantages, **kwargs), config)
+
+
+def naive_logits_loss(logits: Tensor, completion_ids: Tensor, inputs: LossInputs, config: PolicyLossConfig):
+    """:func:`naive_policy_loss` on :class:`~papo_kernels.loss.LossInputs`."""
     check_logits_inputs(logits, completion_ids)
-    logps, entropy = token_logps_and_entropy(logits, completion_ids, config.temperature)
-    return loss_from_logps(logps, entropy, completion_mask, advantages, config=config, **kwargs)
+    inputs.check_tokens("logits", logits.shape[:2])
+    live = inputs.completion_mask.to(completion_ids.device) != 0
+    check_ids(completion_ids[live], logits.shape[-1])  # a masked token's id may be anything (-100, ...)
+    ids = torch.where(live, completion_ids, 0)
+    logps, entropy = token_logps_and_entropy(logits, ids, config.temperature)
+    return logps_loss(logps, entropy, inputs, config)

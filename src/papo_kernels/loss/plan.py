@@ -1,17 +1,25 @@
 """The plan shared by the logits and fused-linear paths: prepared inputs, the scalar parameters and the O(B*T)
-buffers the kernels read and write (``launch.py`` runs the kernels on it)."""
+buffers the kernels read and write (``launch.py`` runs the kernels on it).
+
+Two views of the same flat tokens. The row kernel's: token ``p`` is row ``p // T`` of a ``[B, T]`` batch (its
+aggregation weight ``w[p // T]``); a packed batch is ``[N, 1]`` there, with the per-sequence values (advantage, IS
+ratio, weight) spread over their tokens. The batch kernels' (:class:`Sequences`): sequence ``b`` is the tokens
+``cu[b]`` to ``cu[b + 1]``."""
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from .._runtime import cached_tensor
 from .config import VESPO_IS_RATIO_MIN, VESPO_LAMBDA_MIN, PolicyLossConfig, PolicyLossOutput
+from .inputs import LossInputs
 from .terms import (
+    C_HIGH_RATIO,
     C_LOSS,
+    C_LOW_RATIO,
     LOSS_IDS,
     N_OUT,
     N_PARAMS,
@@ -26,13 +34,12 @@ from .terms import (
     O_REGION,
 )
 
-_PARAMS: OrderedDict = OrderedDict()
-
 
 def params_tensor(cfg: PolicyLossConfig, dtype, device, logit_scale: float = 1.0, softcap: float | None = None):
     """The scalar parameters as a small tensor of the arithmetic dtype (cached: no copy per call)."""
     key = (cfg, dtype, str(device), float(logit_scale), softcap)
-    return _cached(key, lambda: torch.tensor(_params(cfg, dtype, logit_scale, softcap), dtype=dtype, device=device))
+    make = lambda: torch.tensor(_params(cfg, dtype, logit_scale, softcap), dtype=dtype, device=device)  # noqa: E731
+    return cached_tensor(key, make)
 
 
 def _params(cfg: PolicyLossConfig, dtype, logit_scale: float, softcap: float | None) -> list[float]:
@@ -57,22 +64,30 @@ def _params(cfg: PolicyLossConfig, dtype, logit_scale: float, softcap: float | N
 def scalar_tensor(value: float, dtype, device) -> torch.Tensor:
     """A one-element tensor holding ``value`` (cached like the parameters: no host-to-device copy per call)."""
     key = ("scalar", float(value), dtype, str(device))
-    return _cached(key, lambda: torch.tensor([value], dtype=dtype, device=device))
+    return cached_tensor(key, lambda: torch.tensor([value], dtype=dtype, device=device))
 
 
-def _cached(key, make):
-    hit = _PARAMS.get(key)
-    if hit is None:
-        hit = _PARAMS[key] = make()
-        if len(_PARAMS) > 64:
-            _PARAMS.popitem(last=False)
-    _PARAMS.move_to_end(key)
-    return hit
+@dataclass
+class Sequences:
+    """The batch kernels' view: ``n`` sequences, sequence ``b`` the flat tokens ``cu[b]`` to ``cu[b + 1]``; its
+    advantage and IS ratio at ``b * strides[0] + p * strides[1]`` for token ``p``; ``w`` its aggregation weight."""
+
+    n: int
+    cu: torch.Tensor
+    width: int  # T of the padded batch (packed: of the same sequences padded, at least 1)
+    adv: torch.Tensor
+    adv_strides: tuple[int, int]
+    isr: torch.Tensor | None
+    isr_strides: tuple[int, int]
+    isr_per_seq: bool
+    w: torch.Tensor
+    token_seq: torch.Tensor | None  # packed: each token's sequence (to spread ``w`` over the row kernel's weights)
 
 
 @dataclass
 class Plan:
-    """Everything the kernels need besides the logits, for one ``[B, T]`` batch."""
+    """Everything the kernels need besides the logits, for one batch (``B``, ``T``, ``adv``, ``isr``, ``w``: the row
+    kernel's view; ``seqs``: the batch kernels')."""
 
     cfg: PolicyLossConfig
     B: int
@@ -104,6 +119,8 @@ class Plan:
     w: torch.Tensor
     out: torch.Tensor
     loss: torch.Tensor
+    err: torch.Tensor  # int32 [1]: 1 when an unmasked token's target id lies outside [0, V)
+    seqs: Sequences
 
     @property
     def seq_level(self) -> bool:
@@ -125,9 +142,6 @@ class Plan:
             HAS_DELTA=c.delta is not None,
         )  # fmt: skip
 
-    def sequence_loss(self) -> torch.Tensor:
-        return self.part[:, C_LOSS.value]
-
 
 def metrics_from_out(out: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torch.Tensor]:
     """The metric dict (0-dim views of the finalize kernel's output vector), keyed as TRL logs them."""
@@ -147,46 +161,71 @@ def metrics_from_out(out: torch.Tensor, cfg: PolicyLossConfig) -> dict[str, torc
     return metrics
 
 
-def output_from(loss, logps, entropy, seq, out, cfg: PolicyLossConfig) -> PolicyLossOutput:
-    """The public output from the autograd function's outputs (metrics and entropy stats are views of ``out``)."""
+def output_from(loss, logps, entropy, part, out, err, cfg: PolicyLossConfig) -> PolicyLossOutput:
+    """The public output from the autograd function's outputs: per-sequence values are views of ``part``, the
+    metrics and entropy statistics views of ``out``. Off CUDA (Triton's interpreter) the id check raises at once."""
     stats = out[O_BONUS.value : O_BONUS.value + 2]
-    return PolicyLossOutput(loss, logps, entropy, metrics_from_out(out, cfg), seq, stats)
+    clip = part[:, C_LOW_RATIO.value : C_HIGH_RATIO.value + 1] if cfg.clipped else None
+    output = PolicyLossOutput(loss, logps, entropy, metrics_from_out(out, cfg), part[:, C_LOSS.value], stats, clip, err)
+    if not err.is_cuda:
+        output.check()
+    return output
 
 
 def make_plan(
-    completion_ids, completion_mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-    sequence_scale, num_items_in_batch, cfg: PolicyLossConfig, acc: torch.dtype, device,
-    logit_scale: float = 1.0, softcap: float | None = None, zeroed: bool = False, sampling_logps=None,
+    completion_ids: torch.Tensor, inputs: LossInputs, cfg: PolicyLossConfig, acc: torch.dtype, device,
+    logit_scale: float = 1.0, softcap: float | None = None, zeroed: bool = False,
 ) -> Plan:  # fmt: skip
     """Prepared inputs and buffers; ``zeroed`` when the row kernel will not visit every token (compacted rows)."""
-    B, T = completion_ids.shape
-    N = B * T
-    mask = completion_mask.to(device).contiguous()
+    S = inputs.num_sequences
+    N = inputs.completion_mask.numel()
+    mask = inputs.completion_mask.to(device).contiguous()
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    adv = advantages.to(device)
-    isr = importance_sampling_ratio
-    if isr is not None:
-        isr = isr.to(device)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(device=device, dtype=acc).reshape(1)
+    num_items = inputs.num_items_in_batch
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.to(device=device, dtype=acc).reshape(1)
+    dense = lambda t: None if t is None else t.to(device).contiguous()  # noqa: E731
+    adv, isr = dense(inputs.advantages), dense(inputs.importance_sampling_ratio)
+    isr_per_seq = isr is not None and tuple(isr.shape) != inputs.shape  # [B, 1] (the same when T = 1)
     # one allocation, every segment 16-element aligned (pointer alignment is part of Triton's specialization key)
-    sizes = [N] * 7 + [N_PART.value * B, B, N_OUT]
+    sizes = [N] * 7 + [N_PART.value * S, S, N_OUT] + ([N] if inputs.packed else [])
     padded = [-(-n // 16) * 16 for n in sizes]
     alloc = torch.zeros if zeroed else torch.empty
     flat = alloc(sum(padded), dtype=acc, device=device)
     views = [v[:n] for v, n in zip(flat.split(padded), sizes, strict=True)]
+    seqs = Sequences(
+        n=S, cu=_offsets(inputs, device), width=max(inputs.max_seqlen, 1), adv=adv,
+        adv_strides=(adv.stride(0), 0) if adv.dim() == 1 else (0, 1), isr=isr,
+        isr_strides=(0, 0) if isr is None else ((isr.stride(0), 0) if isr_per_seq else (0, 1)),
+        isr_per_seq=isr_per_seq, w=views[8], token_seq=inputs.sequence_index.to(device) if inputs.packed else None,
+    )  # fmt: skip
+    B, T, w = (*inputs.shape, views[8])
+    if inputs.packed:  # the row kernel's view: a row per token, the per-sequence values spread over the tokens
+        B, T, w = N, 1, views[10]
+        adv = adv[seqs.token_seq] if adv.dim() == 1 else adv.view(N)
+        isr = None if isr is None else (isr[seqs.token_seq, 0] if isr_per_seq else isr.view(N))
     return Plan(
         cfg=cfg, B=B, T=T, acc=acc, ids=completion_ids.to(device).contiguous(), mask=mask, adv=adv,
-        adv_strides=(adv.stride(0), adv.stride(1) if adv.dim() == 2 else 0),
-        old=None if old_logps is None else old_logps.to(device).contiguous(),
-        ref=None if ref_logps is None else ref_logps.to(device).contiguous(),
-        isr=isr, isr_strides=(0, 0) if isr is None else (isr.stride(0), isr.stride(1) if isr.shape[1] > 1 else 0),
-        samp=None if sampling_logps is None else sampling_logps.to(device).contiguous(),
-        seq_scale=None if sequence_scale is None else sequence_scale.to(device).contiguous(),
-        num_items=num_items_in_batch, params=params_tensor(cfg, acc, device, logit_scale, softcap),
-        softcap=softcap is not None, logp=views[0], ent=views[1], rmax=views[2], log2s=views[3], dlogp=views[4],
-        ptl=views[5], kl=views[6], flags=alloc(N, dtype=torch.int32, device=device),
-        part=views[7].view(B, N_PART.value), w=views[8], out=views[9],
-        loss=alloc((), dtype=acc, device=device),  # not a view: callers may scale the loss in place
+        adv_strides=_row_strides(adv), old=dense(inputs.old_logps), ref=dense(inputs.ref_logps), isr=isr,
+        isr_strides=(0, 0) if isr is None else _row_strides(isr), samp=dense(inputs.sampling_logps),
+        seq_scale=dense(inputs.sequence_scale), num_items=num_items,
+        params=params_tensor(cfg, acc, device, logit_scale, softcap), softcap=softcap is not None, logp=views[0],
+        ent=views[1], rmax=views[2], log2s=views[3], dlogp=views[4], ptl=views[5], kl=views[6],
+        flags=alloc(N, dtype=torch.int32, device=device), part=views[7].view(S, N_PART.value), w=w,
+        out=views[9], loss=alloc((), dtype=acc, device=device), seqs=seqs,  # loss not a view: scaled in place
+        err=torch.zeros(1, dtype=torch.int32, device=device),
     )  # fmt: skip
+
+
+def _row_strides(t: torch.Tensor) -> tuple[int, int]:
+    """Strides of a per-sequence (``[B]``, ``[B, 1]``) or per-token (``[B, T]``) input in the row kernel's view."""
+    return t.stride(0), t.stride(1) if t.dim() == 2 and t.shape[1] > 1 else 0
+
+
+def _offsets(inputs: LossInputs, device) -> torch.Tensor:
+    """The sequences' flat token offsets: ``cu_seqlens`` packed, ``b * T`` padded (cached)."""
+    if inputs.packed:
+        return inputs.cu_seqlens.to(device)
+    B, T = inputs.shape
+    return cached_tensor(("offsets", B, T, str(device)), lambda: torch.arange(B + 1, device=device) * T)

@@ -18,7 +18,8 @@ scaling, so large logits (1e4) lose nothing. It saves ``m`` and ``log2 s`` (O(1)
 Gradient: ``dL/dz_j = c (1[j = id] - p_j) - h p_j (ln p_j + H)`` with ``c = gs W_b dL/dlogp`` and ``h = gs dL/dH``
 (``gs``: the upstream gradient the caller announced, 1 by default), times ``dz/dx`` (``scale / T``, and
 ``1 - tanh^2`` under a softcap). Rows whose mask is 0 are never read: their outputs are 0 and their gradient rows
-are written with zeros; rows whose ``c`` and ``h`` are 0 are read once and written with zeros.
+are written with zeros; rows whose ``c`` and ``h`` are 0 are read once and written with zeros. A target id outside
+``[0, V)`` of an unmasked token sets ``ERR`` (no host synchronisation; the id is not read).
 
 Vocabulary blocks are unmasked except the last, so loads vectorise; shapes and row strides are runtime arguments
 (``ALIGNED`` tells the compiler the row offsets are multiples of 16 elements; ``V``'s divisibility by 16 is left to
@@ -191,7 +192,7 @@ def _row_grad(
 @triton.jit(do_not_specialize=_DNS)
 def _rows(
     X, sxb, sxt, T_x, row0, n_rows, ROWS, DX, sdb, sdt, IDS, MASK, V, T, P, GS,
-    LOGP, ENT, RMAX, LOG2S, DLOGP, PTL, KL, FLAGS, W, ENT_W,
+    LOGP, ENT, RMAX, LOG2S, DLOGP, PTL, KL, FLAGS, W, ENT_W, ERR,
     ADV, sab, sat, OLD, REF, ISR, sib, sit,
     STATS: tl.constexpr, GRAD: tl.constexpr, TERMS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_ROWS: tl.constexpr, ALIGNED: tl.constexpr, ENT_GRAD: tl.constexpr, ENT_MASK: tl.constexpr,
@@ -213,9 +214,13 @@ def _rows(
         p, off, doff = _row(i, row0, ROWS, T_x, sxb, sxt, sdb, sdt, HAS_ROWS, ALIGNED)
         w = tl.load(MASK + p).to(zero.dtype)
         tgt = tl.load(IDS + p)
+        ok = (tgt >= 0) & (tgt < V)  # ids of masked tokens may be anything; others are checked here
+        tgt = tgt.to(tl.int32)  # compared with int32 columns
         b = p // T
         if STATS:
-            x_id = tl.load(X + off + tgt, mask=w != 0, other=0.0)  # ids of masked tokens may be anything
+            if (w != 0) & (ok == 0):
+                tl.store(ERR, 1)
+            x_id = tl.load(X + off + tgt, mask=(w != 0) & ok, other=0.0)
             if TERMS:
                 adv, old, ref, isr = _load_inputs(zero, b, p - b * T, p, zero == zero, ADV, sab, sat, OLD, REF, ISR,
                                                   sib, sit, HAS_OLD, HAS_KL, HAS_ISR)  # fmt: skip

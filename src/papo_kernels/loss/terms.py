@@ -27,10 +27,10 @@ P_ENT_COEF, P_K2, P_KN, P_SCALE, P_CAP, P_MAXLEN = _c(6), _c(7), _c(8), _c(9), _
 P_VK_POS, P_VL_POS, P_VK_NEG, P_VL_NEG, P_LN_LOW, P_OPM = _c(12), _c(13), _c(14), _c(15), _c(16), _c(17)
 P_QUANTILE, P_FMAX = _c(18), _c(19)
 N_PARAMS = 20
-# Columns of the per-sequence partial sums
+# Columns of the per-sequence partial sums (and, from the finalize kernel, the sequence's clip fractions)
 C_LOSS, C_TOKENS, C_ENT, C_KL, C_LOW, C_HIGH, C_REGION = _c(0), _c(1), _c(2), _c(3), _c(4), _c(5), _c(6)
-C_PHI, C_BONUS, C_BONUS_N = _c(7), _c(8), _c(9)
-N_PART = _c(10)
+C_PHI, C_BONUS, C_BONUS_N, C_LOW_RATIO, C_HIGH_RATIO = _c(7), _c(8), _c(9), _c(10), _c(11)
+N_PART = _c(12)
 # Slots of the output vector
 O_LOSS, O_POLICY, O_ENT, O_KL, O_LOW, O_HIGH, O_REGION, O_ENT_W = (_c(i) for i in range(8))
 O_PHI, O_THRESHOLD, O_BONUS, O_BONUS_N = _c(8), _c(9), _c(10), _c(11)
