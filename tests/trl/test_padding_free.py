@@ -123,7 +123,9 @@ def test_loss_gradients_and_metrics_equal_padded(name, one_row, fused, model_dir
         with torch.no_grad():
             for p in params:
                 p.sub_(1e-2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
-        trainer.__dict__.update(copy.deepcopy(state), use_vllm=False, vllm_importance_sampling_correction=False)
+        for key, value in copy.deepcopy(state).items():  # setattr: TRL's entropy fields are the controller's
+            setattr(trainer, key, value)
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = False
     (inputs, loss, grads, metrics), (inputs_p, loss_p, grads_p, metrics_p) = results[False], results[True]
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)

@@ -84,7 +84,26 @@ REWARDS = {**OUTCOME_REWARDS, **PROCESS_REWARDS}
 
 def reward_func(name: str, script_args, training_args):
     """The reward function ``name`` names: one of ``REWARDS``, built from the run's arguments, or a dotted import
-    path ``module.attr`` (looked up from the current directory first); ``ValueError`` otherwise."""
+    path ``module.attr`` (looked up from the current directory first); ``ValueError`` otherwise.
+
+    Args:
+        name: a key of ``REWARDS`` or a dotted import path.
+        script_args: ``papo-train``'s script arguments (``soft_punish_cache``, ``judge_*``), for the factories
+            that read them.
+        training_args: the run's ``PAPOConfig`` (``max_completion_length``, ``seed``).
+
+    Returns:
+        The reward function, with TRL's reward signature.
+
+    Examples:
+        >>> from papo_trl.rewards import reward_func
+        >>> reward_func("exact_answer_reward", None, None).__name__
+        'exact_answer_reward'
+        >>> reward_func("accuracy", None, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: reward function 'accuracy': expected a known name (...) or a dotted import path
+    """
     if name in REWARDS:
         return REWARDS[name](script_args, training_args)
     module, _, attr = name.rpartition(".")
@@ -100,5 +119,21 @@ def reward_func(name: str, script_args, training_args):
 
 
 def build_reward_funcs(names: list[str], script_args, training_args) -> list:
-    """The reward functions ``names`` name (see :func:`reward_func`); ``none`` (in any case) names none."""
+    """The reward functions ``names`` name (see :func:`reward_func`); ``none`` (in any case) names none.
+
+    Args:
+        names: keys of ``REWARDS``, dotted import paths, or ``none``.
+        script_args: ``papo-train``'s script arguments.
+        training_args: the run's ``PAPOConfig``.
+
+    Returns:
+        The reward functions, in the order of ``names``.
+
+    Examples:
+        >>> from papo_trl.rewards import build_reward_funcs
+        >>> [f.__name__ for f in build_reward_funcs(["exact_answer_reward", "step_checker_reward"], None, None)]
+        ['exact_answer_reward', 'step_checker_reward']
+        >>> build_reward_funcs(["none"], None, None)
+        []
+    """
     return [reward_func(name, script_args, training_args) for name in names if name.lower() != "none"]
