@@ -3,7 +3,7 @@
 Stages, each a subprocess under its own time limit (a hang loses that stage only):
 
 1. ``parity`` (60 s): ``tests/kernels/test_split_rows.py`` on CUDA (the real barrier with K = 3 and 5 programs a row,
-   and K = 1) and the sm_90 occupancy arithmetic.
+   and K = 1), the sm_90 occupancy arithmetic, and no host sync in the loss with either kernel.
 2. ``stress`` (60 s): 200 launches at V = 151,936, 4,096 rows, random masks and ids: every run must give the same
    bits (a race shows as a moving result), within bf16 rounding of the row kernel.
 3. ``timing`` (100 s): forward + backward of DAPO + k3 KL (+ entropy bonus) from bf16 logits, on-policy: V = 151,936
@@ -36,7 +36,8 @@ KERNELS = ("rows", "split", "split-reread")
 def _stage_parity() -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_split_rows.py",
-         "tests/kernels/test_split_barrier.py"], cwd=ROOT, capture_output=True, text=True,
+         "tests/kernels/test_split_barrier.py", "tests/kernels/test_policy_loss.py::test_no_host_sync_cuda"],
+        cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     return {"returncode": proc.returncode, "summary": tail, "failures": [

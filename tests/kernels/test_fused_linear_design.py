@@ -184,9 +184,9 @@ def test_token_rows_are_the_unmasked_positions():
 
 @pytest.mark.cuda
 def test_one_host_sync_and_the_overlapped_streams_cuda():
-    """On a GPU: the forward syncs once (the id check and token count), the backward never; the overlapped schedule
-    (row kernel on a second stream) gives the serial schedule's loss and gradients. Only torch's sync warnings count,
-    not the notice it gives once a process when the debug mode is first set ("... does not yet detect all
+    """On a GPU: the forward syncs once (the token count that sizes the chunks), the backward never; the overlapped
+    schedule (row kernel on a second stream) gives the serial schedule's loss and gradients. Only torch's sync warnings
+    count, not the notice it gives once a process when the debug mode is first set ("... does not yet detect all
     synchronizing operations")."""
     import warnings
 

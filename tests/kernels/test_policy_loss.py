@@ -249,3 +249,23 @@ def test_loss_can_be_scaled_in_place(device):
     fused = fused_linear_policy_loss(h, w, case["completion_ids"], case["completion_mask"], case["advantages"])
     fused.loss.mul_(2).backward()
     assert torch.isfinite(h.grad).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["rows", "split"])
+def test_no_host_sync_cuda(kernel):
+    """On a GPU the loss from logits never synchronises with the host, forward or backward, with either kernel of
+    the single-phase pass (the target ids' check is a flag the caller reads with ``check()``)."""
+    cfg = PolicyLossConfig(loss_type="dapo", beta=0.04, entropy_coef=0.01)
+    case = make_case(8, 4, 64, 5000, cfg=cfg, device="cuda", dtype=torch.bfloat16)
+    saved, launch_mod.ROW_KERNEL = launch_mod.ROW_KERNEL, kernel
+    try:
+        run(policy_loss, case, cfg)  # compiles, cached parameter tensors
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+        try:
+            out, _ = run(policy_loss, case, cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        launch_mod.ROW_KERNEL = saved
+    out.check()
