@@ -359,7 +359,9 @@ def split_rows(plan: Plan, x, sxb, sxt, T_x, row0, n_rows, dx, sdb: int, sdt: in
         try:
             _split_rows[(groups * K,)](SLOTS=slots, COUNTERS=counters, **kw, launch_cooperative_grid=True)
             return True
-        except RuntimeError:  # CUDA refused a grid it cannot make co-resident (nothing ran): fewer groups from now on
+        except RuntimeError as e:  # CUDA refused a grid it cannot make co-resident (nothing ran): fewer groups
+            if "cooperative" not in str(e).lower() and "too large" not in str(e).lower():
+                raise  # any other failure is a bug to see, not a reason to fall back
             groups //= 2
             _CAPACITY[key] = groups * K
     return False
